@@ -1,0 +1,58 @@
+"""The command line: ``balancer run | check | demo``.
+
+Exit codes: 0 success, 1 a refused or invalid config (or a failed run), 2 usage errors.
+Each command lives in the module that owns it; this file only parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from balancer import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balancer",
+        description="An HTTP load balancer that refuses configs that would concentrate traffic.",
+    )
+    parser.add_argument("--version", action="version", version=f"balancer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve traffic with a config")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+
+    check = sub.add_parser("check", help="validate a config and simulate its traffic shares")
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    check.add_argument("--against", metavar="OLD",
+                       help="the config now deployed: print each backend's share before → after")
+
+    demo = sub.add_parser("demo", help="run three demo backends behind the proxy, no setup needed")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080; 0 = any)")
+    demo.add_argument("--admin-port", type=int, default=9100,
+                      help="admin port (default 9100; 0 = any)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        from balancer.check import main_check
+
+        return main_check(args.config, args.against)
+    if args.command == "run":
+        from balancer.app import main_run
+
+        return main_run(args.config)
+    if args.command == "demo":
+        from balancer.demo import main_demo
+
+        return main_demo(args.port, args.admin_port)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,574 @@
+"""YAML → frozen dataclasses.
+
+Every problem is reported with its path (``pools.web.backends[1].weight: must be >= 0, got -3``)
+and all problems are collected before raising, so an operator fixes a config in one pass.
+Unknown keys are errors: a typo must never fall back silently to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config that cannot be loaded; ``problems`` holds one line per mistake."""
+
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(problems))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to listen on or connect to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active probes (issue: health)."""
+
+    path: str = "/healthz"
+    interval: float = 2.0
+    timeout: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    expect_status: tuple[int, int] = (200, 399)
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Passive health: eject a backend after consecutive failures seen in live traffic."""
+
+    consecutive_failures: int = 5
+    base_ejection: float = 10.0
+    max_ejection: float = 300.0
+    max_ejected_fraction: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    """Upstream timeouts: ``connect`` bounds a connect, ``read`` the wait for response bytes."""
+
+    connect: float = 2.0
+    read: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyConfig:
+    """A strategy by registry name or ``package.module:ClassName``, with its options."""
+
+    name: str = "round_robin"
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    url: str
+    name: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+    backup: bool = False
+    max_connections: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """Takes traffic in normal operation (backups and weight 0 do not)."""
+        return self.weight > 0 and not self.backup
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    strategy: StrategyConfig = StrategyConfig()
+    max_connections: int | None = None
+    queue_timeout: float = 1.0
+    health_check: HealthCheckConfig | None = None
+    outlier_detection: OutlierConfig = OutlierConfig()
+    panic_threshold: float = 0.5
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    retries: int = 2
+    allow_concentration: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    pool: str
+    host: str | None = None
+    path_prefix: str = "/"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    max_share: float = 0.5
+    min_backends: int = 2
+    max_share_after_failure: float | None = None
+    live_margin: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    pools: Mapping[str, PoolConfig]
+    routes: tuple[RouteConfig, ...]
+    listen: Address = Address("0.0.0.0", 8080)
+    admin: Address = Address("127.0.0.1", 9100)
+    guard: GuardConfig = GuardConfig()
+    drain_timeout: float = 30.0
+    source: str = ""
+
+
+# --------------------------------------------------------------------------- small parsers
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``500ms``, ``2s``, ``1m``, ``1h`` or a bare number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration like 500ms, 2s or 1m, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"must be a duration like 500ms, 2s or 1m, got {value!r}")
+
+
+def parse_address(value: Any, default_host: str = "0.0.0.0") -> Address:
+    """``host:port``, ``[v6]:port`` or ``:port`` → Address."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Address(default_host, _port(value))
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be \"host:port\", got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"must be \"[ipv6]:port\", got {value!r}")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"must be \"host:port\", got {value!r}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets, like \"[::1]:8080\", got {value!r}")
+    if not port.isdigit():
+        raise ValueError(f"port must be a number, got {value!r}")
+    return Address(host or default_host, _port(int(port)))
+
+
+def _port(n: int) -> int:
+    if not 0 <= n <= 65535:
+        raise ValueError(f"port must be 0..65535, got {n}")
+    return n
+
+
+def parse_backend_url(url: Any) -> tuple[str, str, int]:
+    """``http://host:port`` → (scheme, host, port); the default port follows the scheme."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"must be a URL like http://10.0.0.11:8000, got {url!r}")
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"scheme must be http or https, got {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"must not carry a path, query or fragment, got {url!r}")
+    if parts.username or parts.password:
+        raise ValueError(f"must not carry credentials, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {url!r}") from None
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"has no host, got {url!r}")
+    return parts.scheme, host.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+def default_backend_name(host: str, port: int) -> str:
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class _Reader:
+    """Walks a mapping by path, collecting problems instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}" if path else message)
+
+    def mapping(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any] | None:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.problem(path, f"must be a mapping, got {_kind(value)}")
+            return None
+        for key in value:
+            if key not in allowed:
+                hint = _closest(str(key), allowed)
+                extra = f" (did you mean {hint!r}?)" if hint else ""
+                self.problem(_join(path, str(key)), f"unknown key{extra}")
+        return value
+
+    def get(self, m: Mapping[str, Any], key: str, path: str, conv: Callable[[Any], T],
+            default: T) -> T:
+        if key not in m or m[key] is None:
+            return default
+        try:
+            return conv(m[key])
+        except (ValueError, TypeError) as exc:
+            self.problem(_join(path, key), str(exc))
+            return default
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", dict: "a mapping", str: "a string"}.get(type(value), repr(value))
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"must be a whole number, got {v!r}")
+        if lo is not None and v < lo:
+            raise ValueError(f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise ValueError(f"must be <= {hi}, got {v}")
+        return v
+    return conv
+
+
+def _fraction(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"must be a number between 0 and 1, got {v!r}")
+    if not 0 <= v <= 1:
+        raise ValueError(f"must be between 0 and 1, got {v}")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, got {v!r}")
+    return v
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"must be a non-empty string, got {v!r}")
+    return v.strip()
+
+
+def _positive_duration(v: Any) -> float:
+    d = parse_duration(v)
+    if d <= 0:
+        raise ValueError(f"must be greater than 0, got {v!r}")
+    return d
+
+
+_TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout"}
+_GUARD_KEYS = {"max_share", "min_backends", "max_share_after_failure", "live_margin"}
+_POOL_KEYS = {"strategy", "backends", "max_connections", "queue_timeout", "health_check",
+              "outlier_detection", "panic_threshold", "timeouts", "retries",
+              "allow_concentration"}
+_BACKEND_KEYS = {"url", "name", "weight", "backup", "max_connections"}
+_HEALTH_KEYS = {"path", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
+                "expect_status"}
+_OUTLIER_KEYS = {"consecutive_failures", "base_ejection", "max_ejection", "max_ejected_fraction"}
+_TIMEOUT_KEYS = {"connect", "read"}
+_ROUTE_KEYS = {"host", "path_prefix", "pool"}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and parse a YAML file; raises ConfigError with every problem found."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"], source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}: {where}invalid YAML: {problem}"], source) from None
+    return parse_config(data, source)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Turn already-loaded YAML data into a Config, or raise ConfigError with every problem."""
+    r = _Reader()
+    top = r.mapping(data, "", _TOP_KEYS)
+    if top is None:
+        raise ConfigError([f"{source}: the config must be a mapping at the top level"], source)
+    listen = r.get(top, "listen", "", parse_address, Address("0.0.0.0", 8080))
+    admin = r.get(top, "admin", "", lambda v: parse_address(v, "127.0.0.1"),
+                  Address("127.0.0.1", 9100))
+    drain = r.get(top, "drain_timeout", "", parse_duration, 30.0)
+    guard = _guard(r, top.get("guard"))
+    pools = _pools(r, top.get("pools"))
+    routes = _routes(r, top.get("routes"), pools)
+    if r.problems:
+        raise ConfigError(r.problems, source)
+    return Config(pools=MappingProxyType(pools), routes=routes, listen=listen, admin=admin,
+                  guard=guard, drain_timeout=drain, source=source)
+
+
+def _guard(r: _Reader, raw: Any) -> GuardConfig:
+    g = r.mapping(raw, "guard", _GUARD_KEYS)
+    if g is None:
+        return GuardConfig()
+    max_share = r.get(g, "max_share", "guard", _fraction, 0.5)
+    if max_share == 0:
+        r.problem("guard.max_share", "must be greater than 0")
+    return GuardConfig(
+        max_share=max_share,
+        min_backends=r.get(g, "min_backends", "guard", _int(1), 2),
+        max_share_after_failure=r.get(g, "max_share_after_failure", "guard", _fraction, None),
+        live_margin=r.get(g, "live_margin", "guard", _fraction, 0.05),
+    )
+
+
+def _pools(r: _Reader, raw: Any) -> dict[str, PoolConfig]:
+    if raw is None:
+        r.problem("pools", "is required: at least one pool of backends")
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        r.problem("pools", f"must be a mapping of pool names to pools, got {_kind(raw)}")
+        return {}
+    pools: dict[str, PoolConfig] = {}
+    for name, body in raw.items():
+        path = f"pools.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            r.problem(path, "pool names may use letters, digits, '_', '.' and '-'")
+            continue
+        pool = _pool(r, name, body, path)
+        if pool is not None:
+            pools[name] = pool
+    return pools
+
+
+def _pool(r: _Reader, name: str, raw: Any, path: str) -> PoolConfig | None:
+    p = r.mapping(raw, path, _POOL_KEYS)
+    if p is None:
+        return None
+    max_conn = r.get(p, "max_connections", path, _int(1), None)
+    backends = _backends(r, p.get("backends"), f"{path}.backends")
+    hc = p.get("health_check")
+    return PoolConfig(
+        name=name,
+        backends=backends,
+        strategy=_strategy(r, p.get("strategy"), f"{path}.strategy"),
+        max_connections=max_conn,
+        queue_timeout=r.get(p, "queue_timeout", path, parse_duration, 1.0),
+        health_check=None if hc is None or hc is False else _health(r, hc, f"{path}.health_check"),
+        outlier_detection=_outlier(r, p.get("outlier_detection"), f"{path}.outlier_detection"),
+        panic_threshold=r.get(p, "panic_threshold", path, _fraction, 0.5),
+        timeouts=_timeouts(r, p.get("timeouts"), f"{path}.timeouts"),
+        retries=r.get(p, "retries", path, _int(0, 10), 2),
+        allow_concentration=r.get(p, "allow_concentration", path, _text, None),
+    )
+
+
+def _strategy(r: _Reader, raw: Any, path: str) -> StrategyConfig:
+    # Imported here: strategies import the model above, not the other way round.
+    from balancer.strategies import resolve_strategy
+
+    if raw is None:
+        return StrategyConfig()
+    if isinstance(raw, str):
+        name, options = raw, {}
+    elif isinstance(raw, dict):
+        if "name" not in raw or not isinstance(raw["name"], str):
+            r.problem(f"{path}.name", "is required: a strategy name or \"module:Class\"")
+            return StrategyConfig()
+        name, options = raw["name"], {k: v for k, v in raw.items() if k != "name"}
+    else:
+        r.problem(path, f"must be a strategy name or a mapping with a name, got {_kind(raw)}")
+        return StrategyConfig()
+    try:
+        cls = resolve_strategy(name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        r.problem(path, str(exc))
+        return StrategyConfig(name, MappingProxyType(options))
+    # Each line names its option: "key: must be ...".
+    for problem in cls.validate_options(options):
+        r.problems.append(f"{path}.{problem}")
+    return StrategyConfig(name, MappingProxyType(options))
+
+
+def _backends(r: _Reader, raw: Any, path: str) -> tuple[BackendConfig, ...]:
+    if raw is None:
+        r.problem(path, "is required: a list of backends")
+        return ()
+    if not isinstance(raw, list):
+        r.problem(path, f"must be a list of backends, got {_kind(raw)}")
+        return ()
+    out: list[BackendConfig] = []
+    names: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        bpath = f"{path}[{i}]"
+        if isinstance(item, str):
+            item = {"url": item}
+        b = r.mapping(item, bpath, _BACKEND_KEYS)
+        if b is None:
+            continue
+        weight = r.get(b, "weight", bpath, _int(0, 10_000), 1)
+        backup = r.get(b, "backup", bpath, _bool, False)
+        max_conn = r.get(b, "max_connections", bpath, _int(1), None)
+        if "url" not in b:
+            r.problem(f"{bpath}.url", "is required")
+            continue
+        try:
+            scheme, host, port = parse_backend_url(b["url"])
+        except ValueError as exc:
+            r.problem(f"{bpath}.url", str(exc))
+            continue
+        name = r.get(b, "name", bpath, _text, default_backend_name(host, port))
+        if name in names:
+            r.problem(f"{bpath}.name", f"{name!r} is already the name of {path}[{names[name]}]")
+        names[name] = i
+        out.append(BackendConfig(
+            url=f"{scheme}://{default_backend_name(host, port)}",
+            name=name, scheme=scheme, host=host, port=port,
+            weight=weight, backup=backup, max_connections=max_conn,
+        ))
+    return tuple(out)
+
+
+def _health(r: _Reader, raw: Any, path: str) -> HealthCheckConfig | None:
+    if raw is True:
+        return HealthCheckConfig()
+    h = r.mapping(raw, path, _HEALTH_KEYS)
+    if h is None:
+        return None
+    hc = HealthCheckConfig(
+        path=r.get(h, "path", path, _text, "/healthz"),
+        interval=r.get(h, "interval", path, _positive_duration, 2.0),
+        timeout=r.get(h, "timeout", path, _positive_duration, 1.0),
+        healthy_threshold=r.get(h, "healthy_threshold", path, _int(1), 2),
+        unhealthy_threshold=r.get(h, "unhealthy_threshold", path, _int(1), 3),
+        expect_status=r.get(h, "expect_status", path, _status_range, (200, 399)),
+    )
+    if not hc.path.startswith("/"):
+        r.problem(f"{path}.path", f"must start with '/', got {hc.path!r}")
+    return hc
+
+
+def _status_range(v: Any) -> tuple[int, int]:
+    """``200``, ``"200-299"`` or ``[200, 299]`` → inclusive range."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        lo = hi = v
+    elif isinstance(v, str) and re.fullmatch(r"\s*\d{3}\s*-\s*\d{3}\s*", v):
+        lo, hi = (int(x) for x in v.split("-"))
+    elif isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        lo, hi = v
+    else:
+        raise ValueError(f"must be a status like 200 or a range like \"200-399\", got {v!r}")
+    if not (100 <= lo <= hi <= 599):
+        raise ValueError(f"must be within 100-599 and low <= high, got {v!r}")
+    return lo, hi
+
+
+def _outlier(r: _Reader, raw: Any, path: str) -> OutlierConfig:
+    o = r.mapping(raw, path, _OUTLIER_KEYS)
+    if o is None:
+        return OutlierConfig()
+    return OutlierConfig(
+        consecutive_failures=r.get(o, "consecutive_failures", path, _int(1), 5),
+        base_ejection=r.get(o, "base_ejection", path, _positive_duration, 10.0),
+        max_ejection=r.get(o, "max_ejection", path, _positive_duration, 300.0),
+        max_ejected_fraction=r.get(o, "max_ejected_fraction", path, _fraction, 0.5),
+    )
+
+
+def _timeouts(r: _Reader, raw: Any, path: str) -> TimeoutsConfig:
+    t = r.mapping(raw, path, _TIMEOUT_KEYS)
+    if t is None:
+        return TimeoutsConfig()
+    return TimeoutsConfig(
+        connect=r.get(t, "connect", path, _positive_duration, 2.0),
+        read=r.get(t, "read", path, _positive_duration, 30.0),
+    )
+
+
+def _routes(r: _Reader, raw: Any, pools: Mapping[str, PoolConfig]) -> tuple[RouteConfig, ...]:
+    if raw is None:
+        if len(pools) == 1:
+            return (RouteConfig(pool=next(iter(pools))),)
+        if pools:
+            r.problem("routes", f"is required when there is more than one pool "
+                                f"({', '.join(sorted(pools))})")
+        return ()
+    if not isinstance(raw, list) or not raw:
+        r.problem("routes", f"must be a non-empty list of routes, got {_kind(raw)}")
+        return ()
+    out: list[RouteConfig] = []
+    for i, item in enumerate(raw):
+        path = f"routes[{i}]"
+        m = r.mapping(item, path, _ROUTE_KEYS)
+        if m is None:
+            continue
+        pool = m.get("pool")
+        if not isinstance(pool, str):
+            r.problem(f"{path}.pool", "is required: the name of a pool")
+            continue
+        if pool not in pools:
+            known = ", ".join(sorted(pools)) or "none"
+            r.problem(f"{path}.pool", f"no pool named {pool!r} (pools: {known})")
+        host = r.get(m, "host", path, _host_pattern, None)
+        prefix = r.get(m, "path_prefix", path, _text, "/")
+        if not prefix.startswith("/"):
+            r.problem(f"{path}.path_prefix", f"must start with '/', got {prefix!r}")
+        out.append(RouteConfig(pool=pool, host=host, path_prefix=prefix))
+    return tuple(out)
+
+
+def _host_pattern(v: Any) -> str:
+    host = _text(v).lower()
+    if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?|\[[0-9a-f:.]+\](:\d+)?", host):
+        raise ValueError(f"must be a host name like api.example.com or *.example.com, got {v!r}")
+    return host

@@ -1,0 +1,228 @@
+"""A pool: backends, a strategy over them, and the rules for who may take a request.
+
+The strategy proposes, the pool disposes: it walks the strategy's candidates and takes the first
+that is in rotation and below its connection limit. Around that it keeps the rules that protect
+backends: backups only when every primary is out, the panic threshold (when too few primaries
+are healthy, spread over all of them rather than crush the survivors), the per-backend
+``max_connections`` with a bounded wait for a slot, and passive ejection of failing backends.
+
+The guard's simulation drives this same class with a simulated clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from typing import Callable, Collection, Iterable
+
+from balancer.backend import Backend
+from balancer.config import PoolConfig
+from balancer.strategies import PickContext, Strategy, build_strategy
+
+log = logging.getLogger("balancer.pool")
+
+#: How long the pool trusts its summary of backend availability before recounting (seconds).
+STATE_TTL = 0.1
+
+
+class NoBackend(Exception):
+    """No backend can take the request. ``reason`` is ``no_backend`` or ``overload``."""
+
+    def __init__(self, pool: str, reason: str) -> None:
+        super().__init__(f"pool {pool}: {reason}")
+        self.pool = pool
+        self.reason = reason
+
+
+class Pool:
+    """Backends of one pool and the strategy that chooses among them."""
+
+    def __init__(self, config: PoolConfig, backends: Iterable[Backend],
+                 rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rng = rng or random.Random()
+        self.clock = clock
+        # Requests waiting for a backend below its max_connections, oldest first.
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.panic = False
+        self.update(config, backends)
+
+    # --- membership ----------------------------------------------------------------------
+
+    def update(self, config: PoolConfig, backends: Iterable[Backend]) -> None:
+        """Take a new backend set (reload, discovery) while traffic flows.
+
+        The strategies are rebuilt, then swapped in by plain assignment: a request in the
+        middle of a pick keeps the old objects, the next one sees the new ones.
+        """
+        members = list(backends)
+        primary = [b for b in members if b.weight > 0 and not b.backup]
+        backup = [b for b in members if b.weight > 0 and b.backup]
+        strategy = build_strategy(config.strategy, primary, self.rng)
+        backup_strategy = build_strategy(config.strategy, backup, self.rng) if backup else None
+        self.config = config
+        self.name = config.name
+        self.backends: tuple[Backend, ...] = tuple(members)
+        self.primary: tuple[Backend, ...] = tuple(primary)
+        self.backup: tuple[Backend, ...] = tuple(backup)
+        self.strategy: Strategy = strategy
+        self.backup_strategy: Strategy | None = backup_strategy
+        self._checked_at = -1.0
+        self._wake()
+
+    # --- choosing ------------------------------------------------------------------------
+
+    def _refresh(self, now: float) -> None:
+        """Recount how many primaries are in rotation; enter or leave panic."""
+        self._checked_at = now
+        primary = self.primary
+        up = sum(1 for b in primary if b.available(now))
+        self._primary_up = up
+        self._backup_up = any(b.available(now) for b in self.backup)
+        panic = bool(primary) and up < len(primary) * self.config.panic_threshold and not (
+            up == 0 and self._backup_up)
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                log.warning("pool %s: panic: only %d of %d backends healthy (threshold %.0f%%);"
+                            " spreading traffic over all of them", self.name, up, len(primary),
+                            self.config.panic_threshold * 100)
+            else:
+                log.warning("pool %s: panic cleared: %d of %d backends healthy",
+                            self.name, up, len(primary))
+
+    def state_changed(self) -> None:
+        """Health changed (probe verdict, ejection): recount at the next pick."""
+        self._checked_at = -1.0
+        self._wake()
+
+    def pick(self, ctx: PickContext, exclude: Collection[Backend] = ()) -> Backend:
+        """The backend for this request, or NoBackend. Does not reserve a slot: see begin()."""
+        now = self.clock()
+        if now - self._checked_at >= STATE_TTL:
+            self._refresh(now)
+        overloaded = False
+        if self._primary_up or self.panic:
+            panic = self.panic
+            for b in self.strategy.candidates(ctx):
+                if (panic or b.available(now)) and b not in exclude:
+                    if not b.full:
+                        return b
+                    overloaded = True
+        elif self.backup_strategy is not None:
+            for b in self.backup_strategy.candidates(ctx):
+                if b.available(now) and b not in exclude:
+                    if not b.full:
+                        return b
+                    overloaded = True
+        raise NoBackend(self.name, "overload" if overloaded else "no_backend")
+
+    async def acquire(self, ctx: PickContext, exclude: Collection[Backend] = ()) -> Backend:
+        """pick() + begin(), waiting up to ``queue_timeout`` for a slot when all are full."""
+        try:
+            b = self.pick(ctx, exclude)
+        except NoBackend as exc:
+            if exc.reason != "overload":
+                raise
+            b = await self._wait_for_slot(ctx, exclude)
+        self.begin(b)
+        return b
+
+    async def _wait_for_slot(self, ctx: PickContext, exclude: Collection[Backend]) -> Backend:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.queue_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise NoBackend(self.name, "overload")
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                raise NoBackend(self.name, "overload") from None
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+            try:
+                return self.pick(ctx, exclude)
+            except NoBackend as exc:
+                if exc.reason != "overload":
+                    raise
+
+    def _wake(self) -> None:
+        """Let the oldest waiter try again (a slot was freed or the backend set changed)."""
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    # --- accounting around a request -----------------------------------------------------
+
+    def begin(self, backend: Backend) -> None:
+        """A request is now in flight to ``backend``."""
+        backend.in_flight += 1
+
+    def finish(self, backend: Backend, status: int = 0, latency: float | None = None,
+               error: str | None = None) -> None:
+        """A request to ``backend`` ended: with an answer (``status``) or an ``error`` kind.
+
+        Counts it, feeds latency to the strategies' view of the backend, keeps passive health
+        (consecutive failures eject the backend for a backoff that doubles on each repeat),
+        and hands a freed slot to a waiting request.
+        """
+        backend.in_flight -= 1
+        now = self.clock()
+        if error is not None:
+            backend.record_error(error)
+        if status:
+            backend.record_response(status, latency or 0.0)
+        if latency is not None:
+            backend.observe_latency(latency, now)
+        if error is not None or status >= 500:
+            backend.consecutive_failures += 1
+            if backend.consecutive_failures >= self.config.outlier_detection.consecutive_failures:
+                self._maybe_eject(backend, now, error or f"status {status}")
+        else:
+            backend.consecutive_failures = 0
+        if self._waiters:
+            self._wake()
+
+    def _maybe_eject(self, backend: Backend, now: float, reason: str) -> None:
+        od = self.config.outlier_detection
+        if backend.ejected_until > now:
+            return
+        ejected = sum(1 for b in self.backends if b.ejected_until > now)
+        if ejected + 1 > len(self.backends) * od.max_ejected_fraction:
+            return
+        duration = min(od.base_ejection * (2 ** backend.ejections), od.max_ejection)
+        backend.ejections += 1
+        backend.ejected_until = now + duration
+        backend.consecutive_failures = 0
+        log.warning("pool %s: backend %s ejected for %.0fs after %d consecutive failures (%s)",
+                    self.name, backend.name, duration, od.consecutive_failures, reason)
+        self.state_changed()
+
+    # --- reading -------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return sum(b.in_flight for b in self.backends)
+
+    def __repr__(self) -> str:
+        now = self.clock()
+        counts: dict[str, int] = {}
+        for b in self.backends:
+            s = b.state(now)
+            counts[s] = counts.get(s, 0) + 1
+        parts = ", ".join(f"{n} {s}" for s, n in counts.items())
+        panic = " PANIC" if self.panic else ""
+        return f"<Pool {self.name} [{parts} | {self.in_flight} in flight]{panic}>"

@@ -1,0 +1,87 @@
+"""What every strategy shares: the context it may key on, and the interface it implements.
+
+Selection is pure (the idea comes from pingora): a strategy only yields backends in preference
+order; the pool walks them and asks "is this one ready?". A strategy never sees health, never
+does I/O, and the guard's simulation drives exactly the objects the live proxy does.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
+
+from balancer.backend import Backend
+
+
+class PickContext:
+    """What a strategy may key on. Headers are kept raw and indexed only when first asked for,
+    because most strategies never look at them and the request path should not pay for it."""
+
+    __slots__ = ("client_ip", "path", "method", "_raw", "_headers", "_cookies")
+
+    def __init__(self, client_ip: str = "", path: str = "/", method: str = "GET",
+                 headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        self.client_ip = client_ip
+        self.path = path
+        self.method = method
+        self._raw = headers
+        self._headers: dict[str, str] | None = None
+        self._cookies: dict[str, str] | None = None
+
+    def header(self, name: str) -> str | None:
+        """A request header's value by case-insensitive name (the first one when repeated)."""
+        if self._headers is None:
+            found: dict[str, str] = {}
+            for k, v in self._raw:
+                found.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+            self._headers = found
+        return self._headers.get(name.lower())
+
+    def cookie(self, name: str) -> str | None:
+        """A cookie's value from the ``Cookie`` header."""
+        if self._cookies is None:
+            jar: dict[str, str] = {}
+            for part in (self.header("cookie") or "").split(";"):
+                k, sep, v = part.strip().partition("=")
+                if sep:
+                    jar.setdefault(k, v)
+            self._cookies = jar
+        return self._cookies.get(name)
+
+
+class Strategy:
+    """Chooses among a pool's backends. Does no I/O and knows nothing about health.
+
+    Subclasses set ``name``, may override ``validate_options`` and ``__init__`` (calling
+    super), and implement ``candidates``. Stateful strategies read live load from the
+    backends themselves (``in_flight``, ``ewma``), which the pool keeps up to date.
+    """
+
+    name: ClassVar[str] = ""
+    #: Option names this strategy accepts (anything else is a config error).
+    options_allowed: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, backends: Sequence[Backend], options: Mapping[str, Any],
+                 rng: random.Random) -> None:
+        self.backends: tuple[Backend, ...] = tuple(backends)
+        self.options = options
+        self.rng = rng
+
+    @classmethod
+    def build(cls, backends: Sequence[Backend], options: Mapping[str, Any] | None = None,
+              rng: random.Random | None = None) -> Strategy:
+        """A strategy over ``backends`` (weight > 0 only); ``rng`` seeds any randomness."""
+        return cls(backends, options or {}, rng or random.Random())
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
+        """Problems with ``options``, one ``"key: message"`` line each; empty when fine."""
+        return [f"{k}: unknown option for strategy {cls.name or cls.__name__}"
+                for k in options if k not in cls.options_allowed]
+
+    def candidates(self, ctx: PickContext) -> Iterator[Backend]:
+        """Backends in preference order, each at most once; the pool takes the first ready."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} over {len(self.backends)} backends>"
