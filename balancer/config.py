@@ -126,6 +126,9 @@ class GuardConfig:
     min_backends: int = 2
     max_share_after_failure: float | None = None
     live_margin: float = 0.05
+    #: Live concentration detection: sliding window length (s) and the fewest requests judged.
+    live_window: float = 60.0
+    live_min_requests: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,8 @@ class Config:
     guard: GuardConfig = GuardConfig()
     drain_timeout: float = 30.0
     source: str = ""
+    #: When set, mutating admin endpoints need ``Authorization: Bearer <token>``.
+    admin_token: str | None = None
 
 
 # --------------------------------------------------------------------------- small parsers
@@ -308,8 +313,9 @@ def _positive_duration(v: Any) -> float:
     return d
 
 
-_TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout"}
-_GUARD_KEYS = {"max_share", "min_backends", "max_share_after_failure", "live_margin"}
+_TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout", "admin_token"}
+_GUARD_KEYS = {"max_share", "min_backends", "max_share_after_failure", "live_margin",
+               "live_window", "live_min_requests"}
 _POOL_KEYS = {"strategy", "backends", "max_connections", "queue_timeout", "health_check",
               "outlier_detection", "panic_threshold", "timeouts", "retries",
               "allow_concentration"}
@@ -348,13 +354,14 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     admin = r.get(top, "admin", "", lambda v: parse_address(v, "127.0.0.1"),
                   Address("127.0.0.1", 9100))
     drain = r.get(top, "drain_timeout", "", parse_duration, 30.0)
+    admin_token = r.get(top, "admin_token", "", _text, None)
     guard = _guard(r, top.get("guard"))
     pools = _pools(r, top.get("pools"))
     routes = _routes(r, top.get("routes"), pools)
     if r.problems:
         raise ConfigError(r.problems, source)
     return Config(pools=MappingProxyType(pools), routes=routes, listen=listen, admin=admin,
-                  guard=guard, drain_timeout=drain, source=source)
+                  guard=guard, drain_timeout=drain, source=source, admin_token=admin_token)
 
 
 def _guard(r: _Reader, raw: Any) -> GuardConfig:
@@ -369,6 +376,8 @@ def _guard(r: _Reader, raw: Any) -> GuardConfig:
         min_backends=r.get(g, "min_backends", "guard", _int(1), 2),
         max_share_after_failure=r.get(g, "max_share_after_failure", "guard", _fraction, None),
         live_margin=r.get(g, "live_margin", "guard", _fraction, 0.05),
+        live_window=r.get(g, "live_window", "guard", _positive_duration, 60.0),
+        live_min_requests=r.get(g, "live_min_requests", "guard", _int(1), 100),
     )
 
 
