@@ -1,0 +1,448 @@
+"""Wiring and lifecycle: build the live objects from a config, serve, reload, drain.
+
+The App owns the objects every other part reads (pools, backends, the proxy's state) and is the
+only place that replaces them. A reload is checked completely (parse, validate, guard) before
+anything changes, then applied in one synchronous step, so the event loop never runs a request
+against a half-applied config: kept servers keep their Backend object (state, counters, pooled
+connections), kept pools keep their Pool object, and the router is swapped in one assignment.
+Requests already in flight finish on the objects they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from balancer import __version__
+from balancer.backend import Backend, backend_key
+from balancer.config import Address, BackendConfig, Config, ConfigError, load_config
+from balancer.pool import Pool
+from balancer.proxy import ProxySettings, ProxyState, protocol_factory
+from balancer.router import Router
+
+log = logging.getLogger("balancer.app")
+
+#: How often a retired backend or a drain looks again for requests still in flight (seconds).
+POLL = 0.02
+
+BackendSlot = tuple[str, tuple[str, str, int], int]
+"""(pool, (scheme, host, port), n): the n-th entry for that server in that pool (normally 0)."""
+
+
+# --------------------------------------------------------------------------- config checking
+
+
+class Refused(ConfigError):
+    """A config that parses but that the guard refuses; ``report`` says why."""
+
+    def __init__(self, report: Any, source: str) -> None:
+        super().__init__(list(report.errors), source)
+        self.report = report
+
+
+def check_config(path: str) -> tuple[Config, Any]:
+    """Load ``path`` and judge it exactly as ``balancer check`` does.
+
+    Returns the config and its guard report; raises ConfigError (invalid) or Refused.
+    Blocking (the guard simulates traffic and resolves names): call it off the event loop.
+    """
+    from balancer.guard import evaluate
+
+    config = load_config(path)
+    report = evaluate(config)
+    if not report.ok:
+        raise Refused(report, str(path))
+    return config, report
+
+
+def share_diff(old: Any, new: Any) -> str:
+    """Each backend's simulated share before → after, for the audit trail."""
+    from balancer.guard import format_diff
+
+    return format_diff(old, new)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class Service(Protocol):
+    """Something that runs beside the proxy (health checks, admin app, live monitor).
+
+    ``start`` runs once the listener is bound, ``stop`` once requests have drained, and
+    ``on_reload`` after every applied reload, when ``app.config`` and ``app.pools`` are new.
+    """
+
+    async def start(self, app: App) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def on_reload(self, app: App) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did: ``problems`` lists why it was refused; ``diff`` the share changes."""
+
+    applied: bool
+    problems: list[str] = field(default_factory=list)
+    diff: str = ""
+
+
+class StartError(Exception):
+    """The proxy cannot start serving (address in use, not assignable…); one line."""
+
+
+class App:
+    """The running balancer: config, pools, the proxy state, services, and their lifecycle."""
+
+    def __init__(self, config_path: str) -> None:
+        """Load and guard ``config_path``; raises ConfigError / Refused before anything binds."""
+        self.config_path = config_path
+        self.config, self.report = check_config(config_path)
+
+        # Live objects, replaced only by _apply()
+        self._backends: dict[BackendSlot, Backend] = {}
+        self.pools: dict[str, Pool] = {}
+        self._apply_pools(self.config)
+        self.state = ProxyState(Router(self.config.routes, self.pools),
+                                _proxy_settings(self.config))
+
+        # Lifecycle
+        self.reloads = {"applied": 0, "refused": 0}
+        self.started_at = time.time()
+        self.server: asyncio.AbstractServer | None = None
+        self.services: list[Service] = self._build_services()
+        self._started: list[Service] = []
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop: asyncio.Event | None = None
+        self._draining = False
+        self._drained = False
+
+    def _build_services(self) -> list[Service]:
+        """The services that run beside the proxy, in start order (stopped in reverse)."""
+        return []
+
+    # --- start ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind ``listen``, start the services, and log what is being served."""
+        loop = asyncio.get_running_loop()
+        addr = self.config.listen
+        try:
+            self.server = await loop.create_server(
+                protocol_factory(self.state), addr.host, addr.port,
+                reuse_address=True, backlog=1024)
+        except OSError as exc:
+            raise StartError(f"listen {addr}: {_reason(exc)}") from None
+        try:
+            for service in self.services:
+                await service.start(self)
+                self._started.append(service)
+        except OSError as exc:
+            await self._stop_services()
+            self.server.close()
+            raise StartError(f"{type(service).__name__}: {_reason(exc)}") from None
+        self.started_at = time.time()
+        log.info("balancer %s listening on %s (admin %s); %s", __version__,
+                 self.address, self.config.admin, describe_pools(self.config))
+        for warning in self.report.warnings:
+            log.warning("%s", warning)
+
+    @property
+    def address(self) -> Address:
+        """Where the proxy really listens (the kernel's port when ``listen`` asked for 0)."""
+        if self.server is not None and self.server.sockets:
+            host, port = self.server.sockets[0].getsockname()[:2]
+            return Address(host, port)
+        return self.config.listen
+
+    # --- reload --------------------------------------------------------------------------
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file; apply it if it passes, else keep serving the old one."""
+        async with self._reload_lock:
+            if self._draining:
+                return ReloadResult(False, ["draining: reload ignored"], "")
+            try:
+                config, report = await asyncio.to_thread(check_config, self.config_path)
+            except Refused as exc:
+                return self._refused(exc.problems, share_diff(self.report, exc.report))
+            except ConfigError as exc:
+                return self._refused(exc.problems, "")
+            except Exception as exc:  # a bug in a plug-in strategy must not stop the proxy
+                log.exception("reload: checking %s failed", self.config_path)
+                return self._refused([f"{self.config_path}: {type(exc).__name__}: {exc}"], "")
+
+            diff = share_diff(self.report, report)
+            old = self.config
+            gone = self._apply(config)
+            self.report = report
+            self.reloads["applied"] += 1
+            log.info("reload applied from %s: %s", self.config_path, describe_pools(config))
+            _log_lines(logging.INFO, diff)
+            for warning in report.warnings:
+                log.warning("%s", warning)
+            if config.listen != old.listen:
+                log.warning("listen changed from %s to %s: takes effect on restart",
+                            old.listen, config.listen)
+            for backend in gone:
+                self._retire(backend)
+            for service in self._started:
+                try:
+                    service.on_reload(self)
+                except Exception:
+                    log.exception("reload: %s.on_reload failed", type(service).__name__)
+            return ReloadResult(True, [], diff)
+
+    def _refused(self, problems: list[str], diff: str) -> ReloadResult:
+        self.reloads["refused"] += 1
+        log.error("reload refused, still serving the previous config: %d problem(s) in %s",
+                  len(problems), self.config_path)
+        _log_lines(logging.ERROR, "\n".join(problems))
+        _log_lines(logging.ERROR, diff)
+        return ReloadResult(False, list(problems), diff)
+
+    def _apply(self, config: Config) -> list[Backend]:
+        """Swap in ``config``; returns the backends it removed. No await: atomic on the loop."""
+        gone = self._apply_pools(config)
+        self.config = config
+        self.state.router = Router(config.routes, self.pools)
+        self.state.settings = _proxy_settings(config)
+        return gone
+
+    def _apply_pools(self, config: Config) -> list[Backend]:
+        """Build ``self.pools`` for ``config``, reusing the Backend and Pool objects that stay."""
+        old = self._backends
+        kept: dict[BackendSlot, Backend] = {}
+        pools: dict[str, Pool] = {}
+        for name, pool_cfg in config.pools.items():
+            members: list[Backend] = []
+            for backend_cfg in pool_cfg.backends:
+                server = backend_key(backend_cfg)
+                n = sum(1 for b in members if b.key == server)
+                slot = (name, server, n)
+                backend = old.get(slot)
+                if backend is None:
+                    backend = Backend(backend_cfg, name, pool_cfg.max_connections)
+                else:
+                    backend.reconfigure(backend_cfg, pool_cfg.max_connections)
+                kept[slot] = backend
+                members.append(backend)
+            pool = self.pools.get(name)
+            if pool is None:
+                pool = Pool(pool_cfg, members)
+            else:
+                pool.update(pool_cfg, members)
+            pools[name] = pool
+        gone = [b for slot, b in old.items() if slot not in kept]
+        for backend in gone:
+            backend.draining = True
+        self._backends = kept
+        self.pools = pools
+        return gone
+
+    def _retire(self, backend: Backend) -> None:
+        """Close a removed backend's upstream connections once its last request is done."""
+
+        async def retire() -> None:
+            while backend.in_flight > 0:
+                await asyncio.sleep(POLL)
+            await _close_upstream(backend)
+            log.info("backend %s/%s (%s) removed: connections closed",
+                     backend.pool, backend.name, backend.url)
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    # --- drain ---------------------------------------------------------------------------
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, finish in-flight requests (up to ``timeout``), then close all.
+
+        ``timeout`` defaults to the config's ``drain_timeout``; requests still running then are
+        cut. Idle keep-alive connections are closed at once, busy ones after their response.
+        """
+        if self._draining:
+            return
+        self._draining = True
+        async with self._reload_lock:  # a reload in progress finishes first
+            pass
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        if self.server is not None:
+            self.server.close()
+        log.info("draining: stopped accepting; %d request(s) in flight on %d connection(s);"
+                 " waiting up to %gs", self.state.in_flight, len(self.state.connections), timeout)
+        self.state.begin_drain()
+        deadline = loop.time() + timeout
+        while (self.state.in_flight or self.state.connections) and loop.time() < deadline:
+            await asyncio.sleep(POLL)
+        if self.state.in_flight or self.state.connections:
+            log.warning("drain timeout (%gs): cutting %d request(s) still in flight on %d"
+                        " connection(s)", timeout, self.state.in_flight,
+                        len(self.state.connections))
+            for conn in list(self.state.connections):
+                transport = getattr(conn, "transport", None)
+                if transport is not None:
+                    transport.abort()
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        backends = {id(b): b for pool in self.pools.values() for b in pool.backends}
+        await asyncio.gather(*(_close_upstream(b) for b in backends.values()),
+                             return_exceptions=True)
+        await self._stop_services()
+        self._drained = True
+        log.info("drained: stopped")
+
+    async def _stop_services(self) -> None:
+        while self._started:
+            service = self._started.pop()
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(service).__name__)
+
+    # --- serve ---------------------------------------------------------------------------
+
+    async def serve_forever(self) -> None:
+        """Start, serve until SIGTERM or SIGINT (SIGHUP reloads), then drain."""
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._install_signals(loop)
+        await self.start()
+        _freeze_heap()
+        await self._stop.wait()
+        await self.drain()
+
+    def stop(self) -> None:
+        """Ask serve_forever to drain and return (what SIGTERM does)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+            log.debug("signal handlers not installed")
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_stop_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self._stop is not None and self._stop.is_set():
+            log.warning("%s again while draining: exiting now", name)
+            _flush()
+            os._exit(128 + sig)
+        log.info("%s: draining", name)
+        self.stop()
+
+    def __repr__(self) -> str:
+        pools = ", ".join(repr(p) for p in self.pools.values())
+        return f"<App {self.config_path} [{pools}] reloads={self.reloads}>"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _proxy_settings(config: Config) -> ProxySettings:
+    """The request path's settings for ``config`` (access log, server name…)."""
+    return ProxySettings()
+
+
+async def _close_upstream(backend: Backend) -> None:
+    conns = backend.connections
+    if conns is not None:
+        try:
+            await conns.close()
+        except Exception:
+            log.exception("closing connections to %s failed", backend.url)
+
+
+def describe_pools(config: Config) -> str:
+    """One line: each pool with its strategy and backends (``web1 http://… weight=2 backup``)."""
+    parts = []
+    for pool in config.pools.values():
+        backends = ", ".join(_describe_backend(b) for b in pool.backends)
+        parts.append(f"pool {pool.name} ({pool.strategy.name}): {backends}")
+    return "; ".join(parts)
+
+
+def _describe_backend(b: BackendConfig) -> str:
+    text = b.url if b.url.endswith("//" + b.name) else f"{b.name} {b.url}"
+    if b.weight != 1:
+        text += f" weight={b.weight}"
+    return text + (" backup" if b.backup else "")
+
+
+def _log_lines(level: int, text: str) -> None:
+    for line in text.splitlines():
+        if line.strip():
+            log.log(level, "  %s", line)
+
+
+def _reason(exc: OSError) -> str:
+    """The part of an OSError an operator needs (``address already in use``)."""
+    text = exc.strerror or str(exc)
+    return text.rsplit(": ", 1)[-1].lower() if ": " in text else text.lower()
+
+
+def _flush() -> None:
+    for h in logging.getLogger().handlers:
+        h.flush()
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- `balancer run`
+
+
+def main_run(config_path: str) -> int:
+    """``balancer run -c FILE``: 0 after a clean drain, 1 when the config or the bind fails."""
+    from balancer.logs import setup_logging
+
+    setup_logging()
+    try:
+        app = App(config_path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 1
+    try:
+        _run(app.serve_forever())
+    except StartError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def _freeze_heap() -> None:
+    """Move start-up objects out of the collector's sight: fewer, cheaper collections."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
