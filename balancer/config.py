@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -341,7 +342,17 @@ def load_config(path: str | Path) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{source}: {where}invalid YAML: {problem}"], source) from None
-    return parse_config(data, source)
+    # Plug-in strategies ("module:Class") may sit next to the config file. Appended, not
+    # prepended, so that a file there never shadows an installed module.
+    here = str(Path(path).resolve().parent)
+    added = here not in sys.path
+    if added:
+        sys.path.append(here)
+    try:
+        return parse_config(data, source)
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:
