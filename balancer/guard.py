@@ -1,0 +1,469 @@
+"""The concentration guard: refuse a config that would send too much traffic to one backend.
+
+Pure functions over a parsed ``Config`` that return *every* violation, not just the first.
+The share a backend would receive is not computed from weights by a formula: the pool's real
+strategy (a plug-in too) is run inside a real ``Pool`` on a seeded, synthetic stream of varied
+requests with a simulated clock, so a strategy is judged by what it does. The same simulation
+answers "if this backend fails, who takes its traffic?".
+
+Used by ``balancer check`` and, before a config goes live, by ``run`` and every reload.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from balancer.backend import Backend
+from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig
+from balancer.pool import NoBackend, Pool
+from balancer.strategies import PickContext, resolve_strategy
+
+#: A share may exceed its limit by this much and still pass: a share equal to the limit (two
+#: equal backends at 50%) passes, and the sampling noise of randomised strategies (one standard
+#: deviation is 0.65 points for a fair coin over REQUESTS; this is three) cannot flip a verdict.
+TOLERANCE = 0.02
+#: Requests per simulated pass, and how many overlap in the concurrent pass.
+REQUESTS = 6000
+CONCURRENCY = 16
+#: Seeds for the traffic stream and for the strategies' randomness: same config, same numbers.
+SEED = 20_261_127
+#: Mean service time (simulated seconds) and the slowdown of the one backend that is slow at a
+#: time; the slow one rotates so every backend is slow equally long and latency-aware strategies
+#: must both react and recover.
+SERVICE_TIME = 0.010
+SLOWDOWN = 1.5
+ROTATIONS = 2
+#: Overall bound on DNS look-ups for the duplicate-server rule (seconds).
+RESOLVE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """The verdict on a config: refusals, warnings, and the simulated shares behind them."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    #: pool → backend name → simulated share of the pool's traffic (0.0 for unused backends)
+    shares: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: pool → (failed backend, the backend taking the most, its share), None when not computed
+    worst_failure: dict[str, tuple[str, str, float] | None] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """The config may load."""
+        return not self.errors
+
+
+def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
+    """Every concentration problem of ``config``. ``resolve=False`` skips DNS look-ups."""
+    report = GuardReport()
+    reached = _reaching_routes(config.routes)
+    hosts = {b.host for p in config.pools.values() for b in p.backends}
+    addresses = _resolve(hosts) if resolve else {}
+    g = config.guard
+    for name, pool in config.pools.items():
+        where = f"pools.{name}"
+        routes = reached.get(name, [])
+        if not routes:
+            report.warnings.append(f"{where}: no route reaches this pool; it gets no traffic")
+        servers, unresolved = _servers(pool.backends, addresses, resolve)
+        for b in unresolved:
+            report.warnings.append(
+                f"{where}: backend {b.name}: host {b.host!r} does not resolve here; "
+                f"compared with the other backends by name only")
+        traffic = synthetic_traffic(pool, routes)
+        refusals: list[str] = []
+        try:
+            shares, sequential = _worst_pass(pool, traffic)
+        except Exception as exc:  # noqa: BLE001 - a plug-in that raises here raises live too
+            report.errors.append(f"{where}: strategy {pool.strategy.name!r} failed on simulated "
+                                 f"traffic: {type(exc).__name__}: {exc}")
+            report.worst_failure[name] = None
+            continue
+        report.shares[name] = shares
+        refusals += _min_backends(pool, servers, shares, g.min_backends)
+        refusals += _duplicates(pool, servers, shares)
+        refusals += _concentration(shares, g.max_share, sequential)
+        refusals += _fixed_hash_key(pool, routes, shares)
+        worst = _worst_failure(pool, traffic) if len(servers_active(pool, servers)) > 1 else None
+        report.worst_failure[name] = worst
+        limit = g.max_share_after_failure
+        if worst is not None and limit is not None and worst[2] > limit + TOLERANCE:
+            refusals.append(f"if {worst[0]} fails, {worst[1]} takes {pct(worst[2])} of traffic "
+                            f"(guard.max_share_after_failure {pct(limit)})")
+        for text in refusals:
+            if pool.allow_concentration:
+                report.warnings.append(f"{where}: ALLOWED CONCENTRATION: {text}; accepted because "
+                                       f"allow_concentration: {pool.allow_concentration!r}")
+            else:
+                report.errors.append(f"{where}: {text}")
+    return report
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def _min_backends(pool: PoolConfig, servers: dict[str, object], shares: dict[str, float],
+                  minimum: int) -> list[str]:
+    """Fewer distinct active servers than ``guard.min_backends``."""
+    active = servers_active(pool, servers)
+    if len(active) >= minimum:
+        return []
+    if not active:
+        return [("no active backend (every backend is a backup or has weight 0); "
+                 f"guard.min_backends is {minimum}")]
+    names = [b.name for b in pool.backends if b.active]
+    if len(active) == 1:
+        total = sum(shares.get(n, 0.0) for n in names)
+        who = (f"backend {names[0]}" if len(names) == 1
+               else f"{_and(names)} are one server, which")
+        return [(f"only 1 distinct active backend: {who} would receive {pct(total)} of "
+                 f"traffic; guard.min_backends is {minimum}")]
+    return [(f"only {len(active)} distinct active backends ({_and(names)}); "
+             f"guard.min_backends is {minimum}")]
+
+
+def _and(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+
+def servers_active(pool: PoolConfig, servers: dict[str, object]) -> set[object]:
+    """The distinct servers behind a pool's active backends."""
+    return {servers[b.name] for b in pool.backends if b.active}
+
+
+def _duplicates(pool: PoolConfig, servers: dict[str, object],
+                shares: dict[str, float]) -> list[str]:
+    """Two entries that reach the same server: its real share is their sum."""
+    groups: dict[object, list[BackendConfig]] = {}
+    for b in pool.backends:
+        if b.weight > 0:
+            groups.setdefault(servers[b.name], []).append(b)
+    out = []
+    for members in groups.values():
+        if len(members) > 1:
+            total = sum(shares.get(b.name, 0.0) for b in members)
+            urls = ", ".join(dict.fromkeys(b.url for b in members))
+            out.append(f"backends {_and([b.name for b in members])} are the same server ({urls});"
+                       f" together they would receive {pct(total)} of traffic")
+    return out
+
+
+def _concentration(shares: dict[str, float], max_share: float, sequential: bool) -> list[str]:
+    when = " when requests arrive one at a time" if sequential else ""
+    return [f"backend {n} would receive {pct(s)} of traffic{when} (max_share {pct(max_share)})"
+            for n, s in shares.items() if s > max_share + TOLERANCE]
+
+
+def _fixed_hash_key(pool: PoolConfig, routes: Sequence[RouteConfig],
+                    shares: dict[str, float]) -> list[str]:
+    """A consistent-hash key that every request shares sends every request to one backend."""
+    key = _hash_key(pool)
+    if key is None:
+        return []
+    kind, name = key
+    if kind == "constant":
+        why = f"key {name!r} is a constant"
+    elif kind == "header" and name.lower() == "host" and routes and all(
+            r.host and not r.host.startswith("*.") for r in routes):
+        pinned = ", ".join(sorted({r.host or "" for r in routes}))
+        why = f"key header:{name} cannot vary: every route to this pool pins the host ({pinned})"
+    else:
+        return []
+    top = max(shares, key=shares.__getitem__) if shares else None
+    result = f"; {top} would receive {pct(shares[top])} of traffic" if top else ""
+    return [f"consistent_hash {why}, so requests hash alike{result}"]
+
+
+def _hash_key(pool: PoolConfig) -> tuple[str, str] | None:
+    """(kind, name) of the pool's consistent-hash key, or None for other strategies."""
+    try:
+        from balancer.strategies.consistent_hash import ConsistentHash
+    except ImportError:
+        return None
+    try:
+        cls = resolve_strategy(pool.strategy.name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    if not issubclass(cls, ConsistentHash):
+        return None
+    return _parse_key(ConsistentHash, pool.strategy.options.get("key", "client_ip"))
+
+
+def _parse_key(cls: type, raw: object) -> tuple[str, str]:
+    """Normalise the strategy's own key parser to (kind, name); unknown forms are constants."""
+    parsed = cls.parse_key(raw)  # type: ignore[attr-defined]
+    if isinstance(parsed, tuple) and len(parsed) == 2:
+        kind, name = parsed
+    else:
+        kind, name = str(parsed), ""
+    if kind in ("client_ip", "path", "header", "cookie"):
+        return kind, name or ""
+    return "constant", str(raw)
+
+
+# --------------------------------------------------------------------------- same server?
+
+_Identity = tuple[str, frozenset[str], int]
+
+
+def _normal_ip(text: str) -> str | None:
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.compressed
+
+
+def _resolve(hosts: Iterable[str]) -> dict[str, frozenset[str] | None]:
+    """Host name → its addresses (None when it does not resolve in time).
+
+    Each look-up runs in a daemon thread so that a hung resolver bounds only this call, never
+    the process's exit; all of them share one overall deadline.
+    """
+    found: dict[str, frozenset[str] | None] = {}
+    threads = []
+
+    def look_up(host: str) -> None:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            found[host] = None
+            return
+        found[host] = frozenset(filter(None, (_normal_ip(str(i[4][0])) for i in infos)))
+
+    for host in sorted(set(hosts)):
+        ip = _normal_ip(host)
+        if ip is not None:
+            found[host] = frozenset([ip])
+            continue
+        t = threading.Thread(target=look_up, args=(host,), daemon=True, name=f"guard-dns-{host}")
+        t.start()
+        threads.append((host, t))
+    deadline = time.monotonic() + RESOLVE_TIMEOUT
+    for host, t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return {h: found.get(h) for h in set(hosts)}
+
+
+def _servers(backends: Sequence[BackendConfig], addresses: dict[str, frozenset[str] | None],
+             resolve: bool) -> tuple[dict[str, object], list[BackendConfig]]:
+    """Backend name → a server identity shared by entries that reach the same server.
+
+    Entries are the same server when scheme and port match and their address sets overlap
+    (``localhost`` and ``127.0.0.1``); a name that does not resolve is compared by name.
+    """
+    idents: list[_Identity] = []
+    unresolved = []
+    for b in backends:
+        host = b.host.rstrip(".")
+        addrs = addresses.get(b.host) if resolve else None
+        if addrs is None:
+            ip = _normal_ip(host)
+            if resolve and ip is None:
+                unresolved.append(b)
+            addrs = frozenset([ip or host])
+        idents.append((b.scheme, addrs, b.port))
+    # Overlap is not transitive by itself; merge into groups (a tiny union-find).
+    group = list(range(len(backends)))
+    for i, (scheme, addrs, port) in enumerate(idents):
+        for j in range(i):
+            s2, a2, p2 = idents[j]
+            if scheme == s2 and port == p2 and addrs & a2:
+                old, new = group[i], group[j]
+                group = [new if g == old else g for g in group]
+    return {b.name: group[i] for i, b in enumerate(backends)}, unresolved
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _reaching_routes(routes: Sequence[RouteConfig]) -> dict[str, list[RouteConfig]]:
+    """Pool → the routes that can send it traffic (first match wins: later twins are dead)."""
+    out: dict[str, list[RouteConfig]] = {}
+    for i, route in enumerate(routes):
+        if not any(_covers(earlier, route) for earlier in routes[:i]):
+            out.setdefault(route.pool, []).append(route)
+    return out
+
+
+def _covers(a: RouteConfig, b: RouteConfig) -> bool:
+    """Every request ``b`` matches is matched by ``a`` (conservatively: only clear cases)."""
+    if a.host is not None and a.host != b.host:
+        return False
+    pa, pb = a.path_prefix, b.path_prefix
+    return pa == "/" or pa == pb or pb.startswith(pa.rstrip("/") + "/")
+
+
+# --------------------------------------------------------------------------- simulation
+
+_WORDS = ("home", "cart", "api", "search", "img", "user", "items", "login", "static", "feed")
+
+
+def synthetic_traffic(pool: PoolConfig, routes: Sequence[RouteConfig] = (),
+                      count: int = REQUESTS, seed: int = SEED) -> list[PickContext]:
+    """Varied requests as the pool's routes would deliver them.
+
+    Client addresses, paths, user and session headers and cookies all vary (whatever a hash
+    key names, it sees many values) except where a route pins them: a pool reached only by
+    routes for exact hosts sees only those ``Host`` values, and paths start with a route prefix.
+    """
+    rng = random.Random(seed)
+    pinned = [r.host for r in routes if r.host and not r.host.startswith("*.")]
+    fixed_hosts = pinned if routes and len(pinned) == len(routes) else None
+    prefixes = [r.path_prefix.rstrip("/") for r in routes] or [""]
+    key = _hash_key(pool)
+    extra_header = key[1] if key and key[0] == "header" and key[1].lower() != "host" else None
+    extra_cookie = key[1] if key and key[0] == "cookie" else None
+    out = []
+    for i in range(count):
+        n = rng.getrandbits(32)
+        ip = (f"10.{n >> 24}.{(n >> 16) & 255}.{n & 255}" if i % 8
+              else f"2001:db8::{n >> 16:x}:{n & 0xffff:x}")
+        host = rng.choice(fixed_hosts) if fixed_hosts else f"site{rng.randrange(50)}.example.com"
+        path = (f"{rng.choice(prefixes)}/{rng.choice(_WORDS)}/{rng.randrange(100_000)}"
+                f"?q={rng.randrange(1000)}")
+        user, session = rng.randrange(1_000_000), rng.getrandbits(48)
+        cookie = f"session={session:x}; theme={'dark' if n & 1 else 'light'}"
+        if extra_cookie:
+            cookie += f"; {extra_cookie}={rng.getrandbits(40):x}"
+        headers = [
+            (b"host", host.encode()),
+            (b"user-agent", f"client/{rng.randrange(40)}.{rng.randrange(10)}".encode()),
+            (b"x-user-id", str(user).encode()),
+            (b"x-session-id", f"{session:x}".encode()),
+            (b"x-request-id", f"{rng.getrandbits(64):016x}".encode()),
+            (b"authorization", f"Bearer t{rng.getrandbits(48):x}".encode()),
+            (b"cookie", cookie.encode()),
+        ]
+        if extra_header:
+            headers.append((extra_header.lower().encode(), f"v{rng.getrandbits(40):x}".encode()))
+        out.append(PickContext(client_ip=ip, path=path,
+                               method="GET" if n % 5 else "POST", headers=headers))
+    return out
+
+
+def simulate(pool: PoolConfig, traffic: Sequence[PickContext], *, concurrency: int,
+             down: str | None = None, seed: int = SEED) -> dict[str, float]:
+    """Each backend's share of ``traffic`` sent through a real Pool with the pool's strategy.
+
+    A discrete-event loop: ``concurrency`` requests are in flight at once (a closed loop: each
+    completion lets the next request in), service times vary per request and per backend,
+    and every outcome is reported back through ``pool.finish`` so that stateful strategies
+    (connection counts, latency) see what live traffic would show them. ``down`` names a
+    backend marked unhealthy, as a failed health check would.
+    """
+    now = [0.0]
+    backends = [Backend(b, pool.name, pool.max_connections) for b in pool.backends]
+    for b in backends:
+        b.healthy = b.name != down
+    p = Pool(pool, backends, rng=random.Random(seed), clock=lambda: now[0])
+    rng = random.Random(seed + concurrency)
+    counts = dict.fromkeys(backends, 0)
+    heap: list[tuple[float, int, Backend, float]] = []
+    total, issued = len(traffic), 0
+    phase = max(1, total // (len(backends) * ROTATIONS))
+    pick, begin, finish = p.pick, p.begin, p.finish
+    while True:
+        while issued < total and len(heap) < concurrency:
+            try:
+                b = pick(traffic[issued])
+            except NoBackend as exc:
+                if exc.reason == "overload" and heap:
+                    break  # wait for a slot, as acquire() would
+                issued += 1  # nobody can take it: not counted for anyone
+                continue
+            begin(b)
+            slow = backends[(issued // phase) % len(backends)] is b
+            latency = SERVICE_TIME * rng.uniform(0.5, 1.5) * (SLOWDOWN if slow else 1.0)
+            issued += 1
+            counts[b] += 1
+            heapq.heappush(heap, (now[0] + latency, issued, b, latency))
+        if not heap:
+            break
+        now[0], _, b, latency = heapq.heappop(heap)
+        finish(b, status=200, latency=latency)
+    served = sum(counts.values())
+    return {b.name: (counts[b] / served if served else 0.0) for b in backends}
+
+
+def _worst_pass(pool: PoolConfig, traffic: Sequence[PickContext],
+                down: str | None = None) -> tuple[dict[str, float], bool]:
+    """The more concentrated of a concurrent and a sequential pass, and whether it was the
+    sequential one: at low load, ties in a stateful strategy decide everything."""
+    concurrent = simulate(pool, traffic, concurrency=CONCURRENCY, down=down)
+    sequential = simulate(pool, traffic, concurrency=1, down=down)
+    if max(sequential.values(), default=0.0) > max(concurrent.values(), default=0.0):
+        return sequential, True
+    return concurrent, False
+
+
+def _worst_failure(pool: PoolConfig,
+                   traffic: Sequence[PickContext]) -> tuple[str, str, float] | None:
+    """Take each active backend out in turn; the case that loads one survivor the most."""
+    worst: tuple[str, str, float] | None = None
+    for failed in (b.name for b in pool.backends if b.active):
+        shares, _ = _worst_pass(pool, traffic, down=failed)
+        shares.pop(failed, None)
+        if not shares:
+            continue
+        taker = max(shares, key=shares.__getitem__)
+        if worst is None or shares[taker] > worst[2]:
+            worst = (failed, taker, shares[taker])
+    return worst
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def pct(share: float) -> str:
+    """``0.5`` → ``50%``, ``1/3`` → ``33.3%``: whole numbers stay whole."""
+    value = share * 100
+    return f"{value:.0f}%" if abs(value - round(value)) < 0.05 else f"{value:.1f}%"
+
+
+def _whole(share: float) -> str:
+    return f"{share * 100:.0f}%"
+
+
+def format_shares(report: GuardReport) -> str:
+    """Per pool, each backend's simulated share, and the worst single failure."""
+    lines = []
+    for pool, shares in report.shares.items():
+        lines.append(f"pool {pool}")
+        width = max((len(n) for n in shares), default=0)
+        for name, share in shares.items():
+            lines.append(f"  {name:<{width}}  {_whole(share):>4}")
+        worst = report.worst_failure.get(pool)
+        if worst is not None:
+            lines.append(f"  worst single failure: if {worst[0]} fails, {worst[1]} takes "
+                         f"{pct(worst[2])}")
+    return "\n".join(lines)
+
+
+def format_diff(old: GuardReport | None, new: GuardReport) -> str:
+    """Each backend's share before → after (``web1  33% → 100%``); added and removed shown."""
+    before = old.shares if old is not None else {}
+    lines = []
+    for pool in list(new.shares) + [p for p in before if p not in new.shares]:
+        a, b = before.get(pool), new.shares.get(pool)
+        status = " (new pool)" if a is None else " (removed)" if b is None else ""
+        lines.append(f"pool {pool}{status}")
+        a, b = a or {}, b or {}
+        names = list(a) + [n for n in b if n not in a]
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            left = _whole(a[name]) if name in a else "new"
+            right = _whole(b[name]) if name in b else "removed"
+            mark = "" if left == right else "  *"
+            lines.append(f"  {name:<{width}}  {left:>4} → {right}{mark}")
+    return "\n".join(lines)
