@@ -37,6 +37,18 @@ class NoBackend(Exception):
         self.reason = reason
 
 
+class _Waiter:
+    """A request queued for a slot: what it needs to pick, and where the backend goes."""
+
+    __slots__ = ("future", "ctx", "exclude")
+
+    def __init__(self, future: asyncio.Future[Backend], ctx: PickContext,
+                 exclude: Collection[Backend]) -> None:
+        self.future = future
+        self.ctx = ctx
+        self.exclude = exclude
+
+
 class Pool:
     """Backends of one pool and the strategy that chooses among them."""
 
@@ -46,8 +58,10 @@ class Pool:
         self.rng = rng or random.Random()
         self.clock = clock
         # Requests waiting for a backend below its max_connections, oldest first.
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[_Waiter] = deque()
         self.panic = False
+        # Requests this pool turned away, by NoBackend reason (read by metrics.py).
+        self.rejected: dict[str, int] = {"no_backend": 0, "overload": 0}
         self.update(config, backends)
 
     # --- membership ----------------------------------------------------------------------
@@ -95,8 +109,9 @@ class Pool:
                             self.name, up, len(primary))
 
     def state_changed(self) -> None:
-        """Health changed (probe verdict, ejection): recount at the next pick."""
-        self._checked_at = -1.0
+        """Health changed (probe verdict, ejection): recount now, so that entering or leaving
+        panic is logged (and exported) when it happens, not at the next request."""
+        self._refresh(self.clock())
         self._wake()
 
     def pick(self, ctx: PickContext, exclude: Collection[Backend] = ()) -> Backend:
@@ -121,49 +136,80 @@ class Pool:
         raise NoBackend(self.name, "overload" if overloaded else "no_backend")
 
     async def acquire(self, ctx: PickContext, exclude: Collection[Backend] = ()) -> Backend:
-        """pick() + begin(), waiting up to ``queue_timeout`` for a slot when all are full."""
+        """pick() + begin(), waiting up to ``queue_timeout`` for a slot when all are full.
+
+        A request turned away is counted in ``rejected`` by reason; a retry (``exclude`` not
+        empty) is not, because the proxy answers it with the first attempt's error.
+        """
         try:
-            b = self.pick(ctx, exclude)
+            try:
+                b = self.pick(ctx, exclude)
+            except NoBackend as exc:
+                if exc.reason != "overload" or self.config.queue_timeout <= 0:
+                    raise
+                return await self._wait_for_slot(ctx, exclude)
         except NoBackend as exc:
-            if exc.reason != "overload":
-                raise
-            b = await self._wait_for_slot(ctx, exclude)
+            if not exclude:
+                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+            raise
         self.begin(b)
         return b
 
     async def _wait_for_slot(self, ctx: PickContext, exclude: Collection[Backend]) -> Backend:
+        """Queue for a slot. A freed slot is handed to the oldest waiter that can use it, and
+        begun on its behalf in the same step (``_wake``), so a request arriving just then
+        cannot take it first and starve the queue: waiting is first come, first served."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.queue_timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise NoBackend(self.name, "overload")
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(waiter)
+        waiter = _Waiter(loop.create_future(), ctx, exclude)
+        self._waiters.append(waiter)
+        timer = loop.call_later(self.config.queue_timeout, self._expire, waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            # The client went away; if a slot was handed over meanwhile, give it back.
+            f = waiter.future
+            if f.done() and not f.cancelled() and f.exception() is None:
+                self.release(f.result())
+            raise
+        finally:
+            timer.cancel()
+            if not waiter.future.done():
+                waiter.future.cancel()
             try:
-                await asyncio.wait_for(waiter, remaining)
-            except asyncio.TimeoutError:
-                raise NoBackend(self.name, "overload") from None
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass
-            try:
-                return self.pick(ctx, exclude)
-            except NoBackend as exc:
-                if exc.reason != "overload":
-                    raise
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
 
-    def _wake(self) -> None:
-        """Let the oldest waiter try again (a slot was freed or the backend set changed)."""
-        while self._waiters:
-            w = self._waiters.popleft()
-            if not w.done():
-                w.set_result(None)
-                return
+    def _expire(self, waiter: _Waiter) -> None:
+        if not waiter.future.done():
+            self._waiters.remove(waiter)
+            waiter.future.set_exception(NoBackend(self.name, "overload"))
+
+    def _wake(self, slots: int | None = None) -> None:
+        """Hand free slots to waiting requests, oldest first, up to ``slots`` of them (all
+        that fit when None: the backend set or health changed). A waiter that cannot use what
+        is free (its retry excludes that backend) keeps its place; one for which the pool has
+        no backend at all any more is turned away at once."""
+        if not self._waiters:
+            return
+        for waiter in list(self._waiters):
+            if waiter.future.done():
+                continue
+            try:
+                b = self.pick(waiter.ctx, waiter.exclude)
+            except NoBackend as exc:
+                if exc.reason == "overload":
+                    continue
+                self._waiters.remove(waiter)
+                waiter.future.set_exception(exc)
+                continue
+            self._waiters.remove(waiter)
+            self.begin(b)
+            waiter.future.set_result(b)
+            if slots is not None:
+                slots -= 1
+                if slots <= 0:
+                    return
 
     # --- accounting around a request -----------------------------------------------------
 
@@ -194,7 +240,13 @@ class Pool:
         else:
             backend.consecutive_failures = 0
         if self._waiters:
-            self._wake()
+            self._wake(1)
+
+    def release(self, backend: Backend) -> None:
+        """Give back a slot taken by begin() without a request having run (nothing counted)."""
+        backend.in_flight -= 1
+        if self._waiters:
+            self._wake(1)
 
     def _maybe_eject(self, backend: Backend, now: float, reason: str) -> None:
         od = self.config.outlier_detection
@@ -203,6 +255,10 @@ class Pool:
         ejected = sum(1 for b in self.backends if b.ejected_until > now)
         if ejected + 1 > len(self.backends) * od.max_ejected_fraction:
             return
+        if backend.ejections and now - backend.ejected_until > od.max_ejection:
+            # Well behaved for longer than the longest ejection since it last came back:
+            # forgive the past, so the next ejection starts short again (Envoy does the same).
+            backend.ejections = 0
         duration = min(od.base_ejection * (2 ** backend.ejections), od.max_ejection)
         backend.ejections += 1
         backend.ejected_until = now + duration
@@ -216,6 +272,11 @@ class Pool:
     @property
     def in_flight(self) -> int:
         return sum(b.in_flight for b in self.backends)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot below max_connections."""
+        return len(self._waiters)
 
     def __repr__(self) -> str:
         now = self.clock()

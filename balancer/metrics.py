@@ -1,0 +1,172 @@
+"""Prometheus metrics, read from the live objects at scrape time.
+
+Nothing here runs on the request path: the pool and the backends keep plain integer counters
+(``requests_by_class``, ``errors``, ``latency_counts``, ``rejected``…) and this collector turns
+them into metric families only when ``/metrics`` is scraped. The collector lives in its own
+``CollectorRegistry`` (no process-global state, so tests and several apps in one process do not
+collide).
+
+The names below are a contract: dashboards and ``config/alerts.yml`` use them. Everything is a
+plain counter or gauge labelled by ``pool`` and ``backend`` (the backend's configured name), so
+the series of several worker processes can be summed; the one exception,
+``balancer_backend_traffic_share``, is a ratio that a multi-process setup recomputes from
+``balancer_requests_total``. Counters belong to the Backend object, which the app keeps across
+reloads for a server that stays, so they never restart on a reload.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from balancer.backend import LATENCY_BUCKETS
+from balancer.monitor import Monitor
+from balancer.pool import Pool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Status classes as ``requests_by_class`` indexes them (index 0: no valid status).
+CODE_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+_BUCKET_BOUNDS = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
+
+
+class BalancerCollector(Collector):
+    """Reads ``app.pools``, ``app.reloads`` and the monitor's window whenever it is collected.
+
+    ``app`` is anything with ``pools`` (name → Pool) and optionally ``reloads``
+    ({"applied": n, "refused": n}) and ``started_at``; it is read afresh on every scrape, so a
+    reload that swaps ``app.pools`` is seen at once.
+    """
+
+    def __init__(self, app: Any, monitor: Monitor | None = None) -> None:
+        self.app = app
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        pools: Mapping[str, Pool] = self.app.pools
+        yield from self._backend_metrics(pools.values())
+        yield from self._pool_metrics(pools.values())
+        reloads = CounterMetricFamily("balancer_config_reloads",
+                                      "Config reloads, by result (applied or refused).",
+                                      labels=["result"])
+        counts = getattr(self.app, "reloads", None) or {}
+        for result in ("applied", "refused"):
+            reloads.add_metric([result], counts.get(result, 0))
+        yield reloads
+        started = getattr(self.app, "started_at", None)
+        if started is not None:
+            yield GaugeMetricFamily("balancer_start_time_seconds",
+                                    "When this balancer process started (unix time).",
+                                    value=started)
+
+    # --- per backend ---------------------------------------------------------------------
+
+    def _backend_metrics(self, pools: Iterable[Pool]) -> Iterator[Metric]:
+        lb = ["pool", "backend"]
+        requests = CounterMetricFamily(
+            "balancer_requests", "Requests answered by each backend, by status class.",
+            labels=lb + ["code"])
+        duration = HistogramMetricFamily(
+            "balancer_request_duration_seconds",
+            "Upstream time of each answered request: from sending it to the response head.",
+            labels=lb)
+        in_flight = GaugeMetricFamily("balancer_backend_in_flight",
+                                      "Requests in flight to each backend now.", labels=lb)
+        up = GaugeMetricFamily("balancer_backend_up",
+                               "1 while the backend is in rotation, 0 while it is out "
+                               "(failed health checks, ejected or draining).", labels=lb)
+        share = GaugeMetricFamily(
+            "balancer_backend_traffic_share",
+            "Share of its pool's requests the backend took over the live window "
+            "(guard.live_window, default 60s).", labels=lb)
+        errors = CounterMetricFamily("balancer_upstream_errors",
+                                     "Failed upstream attempts, by kind (connect, timeout, "
+                                     "reset, ...).", labels=lb + ["kind"])
+        weight = GaugeMetricFamily("balancer_backend_weight", "Configured weight.", labels=lb)
+        limit = GaugeMetricFamily("balancer_backend_max_connections",
+                                  "Configured in-flight limit (absent when unlimited).",
+                                  labels=lb)
+        ejections = CounterMetricFamily("balancer_backend_ejections",
+                                        "Times passive health ejected the backend.", labels=lb)
+        state = GaugeMetricFamily("balancer_backend_state",
+                                  "1 for the backend's current state (up, down, ejected, backup).",
+                                  labels=lb + ["state"])
+        for pool in pools:
+            now = pool.clock()
+            shares = self.monitor.shares(pool.name) if self.monitor is not None else {}
+            for b in pool.backends:
+                lv = [pool.name, b.name]
+                for i, n in enumerate(b.requests_by_class):
+                    if i or n:  # "other" only when it happened
+                        requests.add_metric(lv + [CODE_CLASSES[i]], n)
+                cumulative, buckets = 0, []
+                for bound, n in zip(_BUCKET_BOUNDS, b.latency_counts):
+                    cumulative += n
+                    buckets.append((bound, cumulative))
+                duration.add_metric(lv, buckets, b.latency_sum)
+                in_flight.add_metric(lv, b.in_flight)
+                up.add_metric(lv, 1 if b.available(now) else 0)
+                share.add_metric(lv, shares.get(b.key, 0.0))
+                for kind, n in sorted(b.errors.items()):
+                    errors.add_metric(lv + [kind], n)
+                weight.add_metric(lv, b.weight)
+                if b.max_connections is not None:
+                    limit.add_metric(lv, b.max_connections)
+                ejections.add_metric(lv, b.ejections)
+                state.add_metric(lv + [b.state(now)], 1)
+        yield from (requests, duration, in_flight, up, share, errors, weight, limit, ejections,
+                    state)
+
+    # --- per pool ------------------------------------------------------------------------
+
+    def _pool_metrics(self, pools: Iterable[Pool]) -> Iterator[Metric]:
+        rejected = CounterMetricFamily(
+            "balancer_rejected_requests",
+            "Requests the balancer answered itself because no backend could take them, by "
+            "reason (no_backend, overload).", labels=["pool", "reason"])
+        concentrated = GaugeMetricFamily(
+            "balancer_pool_concentrated",
+            "1 while one backend takes more than max_share + live_margin of the pool's live "
+            "traffic.", labels=["pool"])
+        panic = GaugeMetricFamily(
+            "balancer_pool_panic",
+            "1 while too few backends are healthy (panic_threshold) and traffic is spread over "
+            "all of them.", labels=["pool"])
+        waiting = GaugeMetricFamily("balancer_pool_queue_waiting",
+                                    "Requests waiting for a backend below max_connections.",
+                                    labels=["pool"])
+        window = GaugeMetricFamily("balancer_pool_window_requests",
+                                   "Requests of the pool in the live traffic-share window.",
+                                   labels=["pool"])
+        for pool in pools:
+            pool.state_changed()  # panic is judged lazily on the request path: judge it now
+            for reason, n in sorted(pool.rejected.items()):
+                rejected.add_metric([pool.name, reason], n)
+            conc = self.monitor.concentration(pool.name) if self.monitor is not None else None
+            concentrated.add_metric([pool.name], 1 if conc is not None else 0)
+            panic.add_metric([pool.name], 1 if pool.panic else 0)
+            waiting.add_metric([pool.name], pool.waiting)
+            if self.monitor is not None:
+                window.add_metric([pool.name], self.monitor.window_requests(pool.name))
+        yield from (rejected, concentrated, panic, waiting, window)
+
+
+def build_registry(app: Any, monitor: Monitor | None = None) -> CollectorRegistry:
+    """A fresh registry holding only the balancer's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BalancerCollector(app, monitor))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text format."""
+    return generate_latest(registry)

@@ -1,0 +1,228 @@
+"""Live traffic shares and concentration detection: noticing uneven traffic before a server falls.
+
+The guard judges a config before it loads; this module watches what the loaded config really does.
+Once a second it samples each backend's ``requests_total`` (a plain counter the pool bumps
+anyway, so the request path pays nothing) and keeps the per-second deltas for a sliding window
+(``guard.live_window``, default 60 s). A backend's share is its requests in the window over its
+pool's.
+
+When is a pool *concentrated*? The rule, chosen so that noise never fires it:
+
+- the pool has two or more backends in rotation (with one, all traffic on it is a capacity
+  problem, which the backend-down and panic signals report, not a distribution problem);
+- the window holds at least ``guard.live_min_requests`` requests of that pool;
+- it **fires** when the 3-sigma Wilson lower bound of the top backend's share is above
+  ``max_share + live_margin``: with ``max_share: 0.5`` that is "confidently above 55 %", so two
+  equal backends hovering around 50 % never fire, not even on a small random sample, while a
+  backend taking 90 % fires within a few seconds of traffic;
+- it **clears** (hysteresis) when the top share falls to ``max_share + live_margin / 2`` or
+  below (52.5 % in the example), or when fewer than two backends are left in rotation, or when
+  the pool had no traffic at all for a whole window. Between the two lines, and while there are
+  too few requests to judge, the state holds.
+
+A pool with ``allow_concentration`` is judged like any other: the override lets such a config
+load with a warning; live, it stays a warning too.
+
+Each transition is logged once (one warning when it fires naming the pool, backend and share,
+one when it clears). Everything here is pure bookkeeping driven by ``tick(pools, guard, now)``,
+so tests run it with a fake clock; ``MonitorService`` is the thin asyncio loop around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Mapping
+
+from balancer.backend import Backend
+from balancer.config import GuardConfig
+from balancer.pool import Pool
+
+log = logging.getLogger("balancer.monitor")
+
+#: Seconds between samples of the backends' counters.
+SAMPLE_INTERVAL = 1.0
+#: Standard deviations of confidence needed before concentration fires.
+Z = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Concentration:
+    """A pool whose live traffic sits on one backend: who, how much, since when."""
+
+    pool: str
+    backend: str
+    share: float
+    requests: int
+    since: float
+
+
+def wilson_lower(share: float, n: int, z: float = Z) -> float:
+    """Lower bound of the Wilson score interval: how low ``share`` could truly be, given ``n``."""
+    if n <= 0:
+        return 0.0
+    z2 = z * z
+    centre = share + z2 / (2 * n)
+    spread = z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z2 / n))
+
+
+class _PoolWindow:
+    """Per-second request deltas of one pool's backends, and their running sums."""
+
+    __slots__ = ("samples", "sums", "last", "names", "concentration")
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, dict[Hashable, int]]] = deque()
+        self.sums: dict[Hashable, int] = {}
+        # Last seen requests_total per Backend object (a replaced object restarts at 0).
+        self.last: dict[Backend, int] = {}
+        self.names: dict[Hashable, str] = {}
+        self.concentration: Concentration | None = None
+
+    def add(self, backends: tuple[Backend, ...], now: float) -> None:
+        delta: dict[Hashable, int] = {}
+        last: dict[Backend, int] = {}
+        for b in backends:
+            total = b.requests_total
+            before = self.last.get(b, total)  # a backend seen for the first time adds nothing
+            d = total - before if total >= before else total
+            last[b] = total
+            self.names[b.key] = b.name
+            if d:
+                delta[b.key] = delta.get(b.key, 0) + d
+                self.sums[b.key] = self.sums.get(b.key, 0) + d
+        self.last = last
+        self.samples.append((now, delta))
+
+    def expire(self, horizon: float) -> None:
+        samples, sums = self.samples, self.sums
+        while samples and samples[0][0] <= horizon:
+            _, delta = samples.popleft()
+            for k, d in delta.items():
+                left = sums[k] - d
+                if left:
+                    sums[k] = left
+                else:
+                    del sums[k]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sums.values())
+
+
+class Monitor:
+    """Sliding-window traffic shares of every pool, and live concentration detection."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, _PoolWindow] = {}
+        self.window = 60.0
+
+    # --- sampling and judging ------------------------------------------------------------
+
+    def tick(self, pools: Mapping[str, Pool], guard: GuardConfig, now: float) -> None:
+        """Take one sample of every pool's counters and re-judge concentration."""
+        self.window = guard.live_window
+        for gone in set(self._pools) - set(pools):
+            del self._pools[gone]
+        for name, pool in pools.items():
+            w = self._pools.get(name)
+            if w is None:
+                w = self._pools[name] = _PoolWindow()
+            w.add(pool.backends, now)
+            w.expire(now - guard.live_window)
+            self._judge(pool, w, guard, now)
+
+    def _judge(self, pool: Pool, w: _PoolWindow, guard: GuardConfig, now: float) -> None:
+        in_rotation = sum(1 for b in pool.backends if b.weight > 0 and b.available(now))
+        total = w.total
+        current = w.concentration
+        if in_rotation < 2 or total == 0:
+            if current is not None:
+                why = ("fewer than two backends in rotation" if in_rotation < 2
+                       else "no traffic in the window")
+                self._clear(pool.name, w, f"{why}")
+            return
+        top_key, top = max(w.sums.items(), key=lambda kv: kv[1])
+        share = top / total
+        if current is None:
+            if total < guard.live_min_requests:
+                return
+            line = guard.max_share + guard.live_margin
+            if wilson_lower(share, total) > line:
+                c = Concentration(pool.name, w.names.get(top_key, str(top_key)), share, total, now)
+                w.concentration = c
+                log.warning("pool %s: traffic concentrated: backend %s took %.0f%% of %d requests"
+                            " in the last %.0fs (max_share %.0f%% + margin %.0f%%)",
+                            pool.name, c.backend, share * 100, total, guard.live_window,
+                            guard.max_share * 100, guard.live_margin * 100)
+            return
+        if share <= guard.max_share + guard.live_margin / 2:
+            self._clear(pool.name, w, f"top backend now {w.names.get(top_key, top_key)} at"
+                                      f" {share:.0%}")
+        else:
+            w.concentration = Concentration(pool.name, current.backend, share, total,
+                                            current.since)
+
+    def _clear(self, pool: str, w: _PoolWindow, why: str) -> None:
+        log.warning("pool %s: traffic concentration cleared (%s)", pool, why)
+        w.concentration = None
+
+    # --- reading (metrics, status, dashboard) --------------------------------------------
+
+    def shares(self, pool: str) -> dict[Hashable, float]:
+        """Each backend key's share of the pool's requests in the window (absent = none)."""
+        w = self._pools.get(pool)
+        if w is None:
+            return {}
+        total = w.total
+        return {k: n / total for k, n in w.sums.items()} if total else {}
+
+    def window_requests(self, pool: str) -> int:
+        """How many of the pool's requests the window holds."""
+        w = self._pools.get(pool)
+        return w.total if w is not None else 0
+
+    def concentration(self, pool: str) -> Concentration | None:
+        """The pool's live concentration, or None while its traffic is spread."""
+        w = self._pools.get(pool)
+        return w.concentration if w is not None else None
+
+
+class MonitorService:
+    """Runs ``Monitor.tick`` once a second over the app's current pools and guard settings."""
+
+    def __init__(self, monitor: Monitor, clock: Callable[[], float] = time.monotonic) -> None:
+        self.monitor = monitor
+        self.clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._app: Any = None
+
+    async def start(self, app: Any) -> None:
+        self._app = app
+        self._task = asyncio.create_task(self._run(), name="balancer-monitor")
+
+    def on_reload(self, app: Any) -> None:
+        self._app = app  # pools and guard are read afresh on every tick
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            app = self._app
+            try:
+                self.monitor.tick(app.pools, app.config.guard, self.clock())
+            except Exception:  # a bug here must never stop the sampling for good
+                log.exception("traffic monitor: sampling failed")
+            await asyncio.sleep(SAMPLE_INTERVAL)

@@ -1,0 +1,153 @@
+"""Live traffic shares and concentration detection, driven with a fake clock over real pools."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+from balancer.backend import Backend
+from balancer.config import GuardConfig, parse_config
+from balancer.monitor import Monitor, wilson_lower
+from balancer.pool import Pool
+
+GUARD = GuardConfig(max_share=0.5, live_margin=0.05, live_window=10.0, live_min_requests=100)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_pool(clock: Clock, n: int = 2, **pool: object) -> Pool:
+    cfg = parse_config({"pools": {"web": {
+        "backends": [{"url": f"http://127.0.0.1:{9000 + i}", "name": f"b{i}"} for i in range(n)],
+        **pool}}})
+    pc = cfg.pools["web"]
+    return Pool(pc, [Backend(b, "web") for b in pc.backends], clock=clock)
+
+
+def serve(pool: Pool, counts: list[int]) -> None:
+    """Record ``counts[i]`` answered requests on backend i (what pool.finish does per request)."""
+    for b, n in zip(pool.backends, counts):
+        for _ in range(n):
+            pool.begin(b)
+            pool.finish(b, 200, 0.002)
+
+
+def run(monitor: Monitor, pool: Pool, clock: Clock, seconds: int, per_second: list[int],
+        guard: GuardConfig = GUARD) -> list[bool]:
+    """Advance ``seconds`` one tick at a time; the concentration state after each tick."""
+    states = []
+    for _ in range(seconds):
+        clock.now += 1
+        serve(pool, per_second)
+        monitor.tick({"web": pool}, guard, clock.now)
+        states.append(monitor.concentration("web") is not None)
+    return states
+
+
+def test_shares_over_the_window() -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock, 3)
+    monitor.tick({"web": pool}, GUARD, clock.now)  # first sight: a baseline, counts nothing
+    run(monitor, pool, clock, 5, [20, 10, 10])
+    shares = monitor.shares("web")
+    b0, b1, b2 = pool.backends
+    assert shares[b0.key] == pytest.approx(0.5)
+    assert shares[b1.key] == pytest.approx(0.25)
+    assert monitor.window_requests("web") == 200
+    # The window slides: after 10 s of only b2, the old traffic is gone.
+    run(monitor, pool, clock, 10, [0, 0, 10])
+    assert monitor.shares("web") == {b2.key: 1.0}
+    # No traffic for a whole window: no shares at all.
+    run(monitor, pool, clock, 10, [0, 0, 0])
+    assert monitor.shares("web") == {}
+    assert monitor.window_requests("web") == 0
+
+
+def test_requests_before_the_monitor_started_do_not_count() -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock)
+    serve(pool, [500, 0])
+    run(monitor, pool, clock, 3, [10, 10])
+    assert monitor.shares("web") == {b.key: pytest.approx(0.5) for b in pool.backends}
+
+
+def test_two_equal_backends_with_random_noise_never_fire() -> None:
+    """Random 50/50 at 30 requests/s for an hour of ticks: hovering near 50 % stays quiet."""
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock)
+    rng = random.Random(7)
+    fired = 0
+    for _ in range(3600):
+        a = sum(rng.random() < 0.5 for _ in range(30))
+        fired += any(run(monitor, pool, clock, 1, [a, 30 - a]))
+    assert fired == 0
+
+
+def test_fires_on_a_real_shift_and_clears_with_hysteresis(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock)
+    caplog.set_level(logging.WARNING, "balancer.monitor")
+    assert not any(run(monitor, pool, clock, 15, [20, 20]))
+    # One backend now takes 90 %: fires within the window, once.
+    states = run(monitor, pool, clock, 10, [36, 4])
+    assert states[-1] and states.index(True) < 10
+    conc = monitor.concentration("web")
+    assert conc is not None and conc.backend == "b0" and conc.share > 0.55
+    fired = [r.getMessage() for r in caplog.records if "concentrated" in r.getMessage()]
+    assert len(fired) == 1
+    assert "pool web" in fired[0] and "backend b0" in fired[0] and "%" in fired[0]
+    # 54 % is between the lines (clear at 52.5 %, fire above 55 %): the state holds, no flapping.
+    assert all(run(monitor, pool, clock, 20, [27, 23]))
+    # Back to an even split: clears within the window, with one log line.
+    states = run(monitor, pool, clock, 12, [20, 20])
+    assert not states[-1]
+    cleared = [r.getMessage() for r in caplog.records if "cleared" in r.getMessage()]
+    assert len(cleared) == 1 and "pool web" in cleared[0]
+
+
+def test_needs_enough_requests_to_judge() -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock)
+    # 100 % on one backend, but only 9 requests in the 10 s window: too few to judge.
+    assert not any(run(monitor, pool, clock, 30, [1, 0]))
+    assert monitor.shares("web") == {pool.backends[0].key: 1.0}
+    assert any(run(monitor, pool, clock, 10, [20, 0]))
+
+
+def test_one_backend_in_rotation_is_not_a_distribution_problem() -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock)
+    assert any(run(monitor, pool, clock, 10, [40, 0]))
+    pool.backends[1].healthy = False  # the other one left rotation: down alerts cover this
+    pool.state_changed()
+    assert not any(run(monitor, pool, clock, 5, [40, 0]))
+
+
+def test_share_survives_a_reload_that_keeps_the_backend_objects() -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock, 3)
+    run(monitor, pool, clock, 5, [10, 10, 20])
+    kept = pool.backends[:2]
+    pool.update(pool.config, kept)  # a reload that removed b2 and kept b0, b1
+    run(monitor, pool, clock, 2, [10, 10, 0])
+    shares = monitor.shares("web")
+    # The first tick is the baseline: 4 s of 10/10/20, then 2 s of 10/10 → b0 has 60 of 200.
+    assert shares[kept[0].key] == pytest.approx(60 / 200)
+    # A pool that disappears takes its window with it.
+    monitor.tick({}, GUARD, clock.now + 1)
+    assert monitor.shares("web") == {}
+
+
+def test_wilson_lower_bound() -> None:
+    assert wilson_lower(0.5, 0) == 0.0
+    assert wilson_lower(1.0, 20) == pytest.approx(20 / 29)
+    assert 0.45 < wilson_lower(0.5, 10_000) < 0.5
+    assert wilson_lower(0.6, 100) < 0.5 < wilson_lower(0.6, 1000)
