@@ -1,0 +1,116 @@
+"""The benchmark harness: it runs end to end, prints its tables, and leaves nothing behind.
+
+No speed is asserted (the machine is shared); these check that the harness measures and
+cleans up, and that its arithmetic is right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.load import LoadResult, parse_wrk
+from bench.report import Measurement, summarise
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+SCENARIO_NAMES = {"small c64", "small c8", "64KiB c64"}
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--quick", "--proxies", "balancer",
+         "--json", str(out), *args],
+        check=False, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, json.loads(out.read_text())
+
+
+def assert_cleaned_up(stdout: str) -> None:
+    """The run's work dir is gone, and no process runs from it (its configs live there)."""
+    workdir = re.search(r"^workdir: (\S+)", stdout, re.MULTILINE)
+    assert workdir, stdout
+    assert not Path(workdir[1]).exists()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            assert workdir[1].encode() not in cmdline, cmdline
+
+
+def assert_numbers(stdout: str, raw: dict) -> None:
+    rows = [ln for ln in stdout.splitlines() if ln.startswith("| balancer |")]
+    assert len(rows) == 1, stdout  # the summary line
+    assert sum(ln.startswith("| small c64 | balancer |") for ln in stdout.splitlines()) == 1
+    ms = raw["measurements"]
+    assert {m["scenario"] for m in ms} == SCENARIO_NAMES
+    for m in ms:
+        assert m["load"]["requests"] > 0 and m["cpu_us_per_request"] > 0, m
+        assert m["load"]["errors"] == 0 and m["load"]["non2xx"] == 0, m
+    assert raw["peak_rss_kib"]["balancer"] > 0
+    assert "balancer" in raw["idle_bytes"]
+
+
+def test_quick_run_against_balancer(tmp_path: Path) -> None:
+    done, raw = run_bench(tmp_path)
+    assert_numbers(done.stdout, raw)
+    assert_cleaned_up(done.stdout)
+
+
+def test_quick_run_with_the_bundled_backend_and_load_generator(tmp_path: Path) -> None:
+    """The fallbacks for a machine without nginx and wrk."""
+    done, raw = run_bench(tmp_path, "--backend", "builtin", "--load", "python",
+                          "--duration", "1", "--idle", "20")
+    assert "backend: builtin; load: python" in done.stdout
+    assert_numbers(done.stdout, raw)
+    assert_cleaned_up(done.stdout)
+
+
+WRK_OUTPUT = """\
+Running 10s test @ http://127.0.0.1:8080/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   690.12us  120.00us   4.10ms   90.00%
+    Req/Sec    92.51k     3.01k   96.00k    80.00%
+  Latency Distribution
+     50%  650.00us
+     75%  700.00us
+     90%  800.00us
+     99%    1.20ms
+  920512 requests in 10.00s, 110.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  92051.20
+Transfer/sec:     11.00MB
+"""
+
+
+def test_parse_wrk_reads_totals_percentiles_and_errors() -> None:
+    r = parse_wrk(WRK_OUTPUT)
+    assert r == LoadResult(requests=920512, seconds=10.0, rps=92051.2, p50_ms=0.65,
+                           p99_ms=1.2, errors=3, non2xx=4)
+
+
+def _m(proxy: str, rnd: int, rps: float) -> Measurement:
+    load = LoadResult(int(rps), 1.0, rps, 1.0, 2.0, 0, 0)
+    return Measurement(proxy, "small c64", rnd, load, 10.0, {"proxy cpu": 0.0})
+
+
+def test_ratio_is_the_median_of_same_round_ratios() -> None:
+    # nginx drifts between rounds; balancer's ratio to it within each round is 0.5, 0.6, 0.5.
+    ms = [_m("nginx", 1, 100.0), _m("balancer", 1, 50.0),
+          _m("nginx", 2, 50.0), _m("balancer", 2, 30.0),
+          _m("nginx", 3, 80.0), _m("balancer", 3, 40.0)]
+    by_proxy = {s.proxy: s for s in summarise(ms)}
+    assert by_proxy["nginx"].ratio == 1.0
+    assert by_proxy["balancer"].ratio == pytest.approx(0.5)
+    assert by_proxy["balancer"].rps == 40.0
