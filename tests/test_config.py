@@ -54,8 +54,8 @@ def test_negative_number_duration_is_refused() -> None:
 def test_duration_in_a_config_names_its_path() -> None:
     found = problems(pool("http://127.0.0.1:9001", "http://127.0.0.1:9002",
                           health_check={"interval": "soon"}))
-    assert found == ["pools.web.health_check.interval: must be a duration like 500ms, 2s or 1m,"
-                     " got 'soon'"]
+    assert found == [("pools.web.health_check.interval: must be a duration like 500ms, 2s or 1m,"
+                     " got 'soon'")]
 
 
 def test_durations_parse_into_the_model() -> None:
@@ -182,8 +182,8 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
 def test_duplicate_backend_names_point_at_the_first() -> None:
     found = problems(pool({"url": "http://127.0.0.1:9001", "name": "a"},
                           {"url": "http://127.0.0.1:9002", "name": "a"}))
-    assert found == ["pools.web.backends[1].name: 'a' is already the name of "
-                     "pools.web.backends[0]"]
+    assert found == [("pools.web.backends[1].name: 'a' is already the name of "
+                     "pools.web.backends[0]")]
 
 
 def test_routes_are_required_with_several_pools() -> None:
@@ -272,5 +272,5 @@ def test_plugin_that_does_not_exist_names_the_module(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(f)
     assert info.value.problems == [
-        "pools.web.strategy: cannot import strategy module 'not_a_module_anywhere': "
-        "No module named 'not_a_module_anywhere'"]
+        ("pools.web.strategy: cannot import strategy module 'not_a_module_anywhere': "
+        "No module named 'not_a_module_anywhere'")]

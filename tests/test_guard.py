@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -55,9 +55,9 @@ class Broken(Strategy):
 class Spy(Strategy):
     """Round robin that records what the pool showed it: overlap and reported latencies."""
 
-    seen_in_flight: list[int] = []
-    seen_busiest: list[int] = []
-    seen_ewma: list[float] = []
+    seen_in_flight: ClassVar[list[int]] = []
+    seen_busiest: ClassVar[list[int]] = []
+    seen_ewma: ClassVar[list[float]] = []
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -188,8 +188,8 @@ def test_three_entries_for_one_server_are_one_group() -> None:
     cfg = config([{"name": n, "url": "http://[::1]:9001"} for n in ("a", "b", "c")]
                  + [{"name": "d", "url": "http://[::1]:9002"}])
     dup = [e for e in check(cfg).errors if "same server" in e]
-    assert dup == ["pools.web: backends a, b and c are the same server (http://[::1]:9001); "
-                   "together they would receive 75% of traffic"]
+    assert dup == [("pools.web: backends a, b and c are the same server (http://[::1]:9001); "
+                   "together they would receive 75% of traffic")]
 
 
 def test_a_name_that_does_not_resolve_is_a_warning_and_compared_by_name() -> None:
@@ -197,15 +197,15 @@ def test_a_name_that_does_not_resolve_is_a_warning_and_compared_by_name() -> Non
                   {"name": "web2", "url": "http://127.0.0.1:9001"}])
     report = check(cfg, resolve=True)
     assert report.ok, report.errors
-    assert report.warnings == ["pools.web: backend web1: host 'no-such-host.invalid' does not "
-                               "resolve here; compared with the other backends by name only"]
+    assert report.warnings == [("pools.web: backend web1: host 'no-such-host.invalid' does not "
+                               "resolve here; compared with the other backends by name only")]
 
 
 def test_resolving_is_bounded_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
     # A resolver that hangs cannot be produced on loopback, so this one test stands in a
     # getaddrinfo that never answers: the guard must give up at its deadline.
     release = threading.Event()
-    monkeypatch.setattr(guard.socket, "getaddrinfo", lambda *a, **k: [] if release.wait(60) else [])
+    monkeypatch.setattr(guard.socket, "getaddrinfo", lambda *a, **k: release.wait(60) and [])
     monkeypatch.setattr(guard, "RESOLVE_TIMEOUT", 0.2)
     cfg = config([{"name": "web1", "url": "http://slow.example:9001"},
                   {"name": "web2", "url": "http://127.0.0.1:9002"}])
@@ -224,8 +224,8 @@ def test_resolving_is_bounded_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_weights_9_to_1_are_refused_with_the_share() -> None:
     report = check(config(backends(9, 1)))
-    assert report.errors == ["pools.web: backend web1 would receive 90% of traffic "
-                             "(max_share 50%)"]
+    assert report.errors == [("pools.web: backend web1 would receive 90% of traffic "
+                             "(max_share 50%)")]
     assert report.shares["web"] == {"web1": 0.9, "web2": 0.1}
 
 
@@ -238,8 +238,8 @@ def test_a_share_past_the_tolerance_is_refused() -> None:
     # 53% is past 50% + the stated tolerance (2 points).
     assert guard.TOLERANCE == 0.02
     report = check(config(backends(53, 47)))
-    assert report.errors == ["pools.web: backend web1 would receive 53% of traffic "
-                             "(max_share 50%)"]
+    assert report.errors == [("pools.web: backend web1 would receive 53% of traffic "
+                             "(max_share 50%)")]
 
 
 def test_max_share_is_configurable() -> None:
@@ -261,8 +261,8 @@ def test_sequential_load_exposes_ties_toward_the_first_backend() -> None:
                                 concurrency=guard.CONCURRENCY)
     assert concurrent["web1"] < 0.7  # would pass on overlapping traffic alone
     report = check(cfg)
-    assert report.errors == ["pools.web: backend web1 would receive 100% of traffic when "
-                             "requests arrive one at a time (max_share 50%)"]
+    assert report.errors == [("pools.web: backend web1 would receive 100% of traffic when "
+                             "requests arrive one at a time (max_share 50%)")]
 
 
 def test_the_simulation_overlaps_requests_and_reports_outcomes() -> None:
@@ -302,8 +302,8 @@ def test_the_simulation_is_deterministic() -> None:
 
 def test_a_strategy_that_raises_is_refused_with_the_exception() -> None:
     report = check(config(backends(1, 1), strategy="tests.test_guard:Broken"))
-    assert report.errors == ["pools.web: strategy 'tests.test_guard:Broken' failed on simulated "
-                             "traffic: RuntimeError: boom"]
+    assert report.errors == [("pools.web: strategy 'tests.test_guard:Broken' failed on simulated "
+                             "traffic: RuntimeError: boom")]
 
 
 def test_synthetic_traffic_varies_what_strategies_key_on() -> None:
@@ -382,8 +382,8 @@ def test_allow_concentration_is_per_pool() -> None:
         "routes": [{"host": "staging.example.com", "pool": "staging"}, {"pool": "web"}],
     })
     report = check(cfg)
-    assert report.errors == ["pools.web: backend web1 would receive 90% of traffic "
-                             "(max_share 50%)"]
+    assert report.errors == [("pools.web: backend web1 would receive 90% of traffic "
+                             "(max_share 50%)")]
     assert all(w.startswith("pools.staging: ALLOWED CONCENTRATION") for w in report.warnings)
 
 
