@@ -36,6 +36,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Status classes as ``requests_by_class`` indexes them (index 0: no valid status).
 CODE_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 
+#: Error kinds always exported (at 0 until they happen), so that rate() works from the start.
+ERROR_KINDS = {"connect": 0, "timeout": 0, "reset": 0, "protocol": 0}
+
 _BUCKET_BOUNDS = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
 
 
@@ -116,7 +119,7 @@ class BalancerCollector(Collector):
                 in_flight.add_metric(lv, b.in_flight)
                 up.add_metric(lv, 1 if b.available(now) else 0)
                 share.add_metric(lv, shares.get(b.key, 0.0))
-                for kind, n in sorted(b.errors.items()):
+                for kind, n in sorted({**ERROR_KINDS, **b.errors}.items()):
                     errors.add_metric(lv + [kind], n)
                 weight.add_metric(lv, b.weight)
                 if b.max_connections is not None:
