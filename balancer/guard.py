@@ -90,9 +90,9 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
         report.shares[name] = shares
         refusals += _min_backends(pool, servers, shares, g.min_backends)
         refusals += _duplicates(pool, servers, shares)
-        refusals += _concentration(shares, g.max_share, sequential)
         refusals += _fixed_hash_key(pool, routes, shares)
-        worst = _worst_failure(pool, traffic) if len(servers_active(pool, servers)) > 1 else None
+        refusals += _concentration(shares, g.max_share, sequential)
+        worst = _worst_failure(pool, traffic) if len(_servers_active(pool, servers)) > 1 else None
         report.worst_failure[name] = worst
         limit = g.max_share_after_failure
         if worst is not None and limit is not None and worst[2] > limit + TOLERANCE:
@@ -113,7 +113,7 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
 def _min_backends(pool: PoolConfig, servers: dict[str, object], shares: dict[str, float],
                   minimum: int) -> list[str]:
     """Fewer distinct active servers than ``guard.min_backends``."""
-    active = servers_active(pool, servers)
+    active = _servers_active(pool, servers)
     if len(active) >= minimum:
         return []
     if not active:
@@ -134,7 +134,7 @@ def _and(names: Sequence[str]) -> str:
     return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
 
 
-def servers_active(pool: PoolConfig, servers: dict[str, object]) -> set[object]:
+def _servers_active(pool: PoolConfig, servers: dict[str, object]) -> set[object]:
     """The distinct servers behind a pool's active backends."""
     return {servers[b.name] for b in pool.backends if b.active}
 
@@ -169,17 +169,16 @@ def _fixed_hash_key(pool: PoolConfig, routes: Sequence[RouteConfig],
     if key is None:
         return []
     kind, name = key
-    if kind == "constant":
-        why = f"key {name!r} is a constant"
-    elif kind == "header" and name.lower() == "host" and routes and all(
-            r.host and not r.host.startswith("*.") for r in routes):
-        pinned = ", ".join(sorted({r.host or "" for r in routes}))
-        why = f"key header:{name} cannot vary: every route to this pool pins the host ({pinned})"
-    else:
+    if not (kind == "header" and name.lower() == "host" and routes
+            and all(r.host and not r.host.startswith("*.") for r in routes)):
         return []
-    top = max(shares, key=shares.__getitem__) if shares else None
-    result = f"; {top} would receive {pct(shares[top])} of traffic" if top else ""
-    return [f"consistent_hash {why}, so requests hash alike{result}"]
+    hosts = sorted({r.host or "" for r in routes})
+    spread = ("every request hashes alike" if len(hosts) == 1
+              else f"requests hash to at most {len(hosts)} backends")
+    top = max(shares, key=shares.__getitem__)
+    return [(f"consistent_hash key header:{name} only takes the values the routes to this pool "
+            f"pin ({', '.join(hosts)}), so {spread}; {top} would receive {pct(shares[top])} "
+            f"of traffic")]
 
 
 def _hash_key(pool: PoolConfig) -> tuple[str, str] | None:
@@ -197,16 +196,17 @@ def _hash_key(pool: PoolConfig) -> tuple[str, str] | None:
     return _parse_key(ConsistentHash, pool.strategy.options.get("key", "client_ip"))
 
 
-def _parse_key(cls: type, raw: object) -> tuple[str, str]:
-    """Normalise the strategy's own key parser to (kind, name); unknown forms are constants."""
-    parsed = cls.parse_key(raw)  # type: ignore[attr-defined]
-    if isinstance(parsed, tuple) and len(parsed) == 2:
-        kind, name = parsed
-    else:
-        kind, name = str(parsed), ""
+def _parse_key(cls: type, raw: object) -> tuple[str, str] | None:
+    """The strategy's own key parser, normalised to (kind, name). A constant key never gets
+    here: the parser refuses it when the config loads. None for a form the guard does not
+    know (a subclass's own kind), which the simulation alone then judges."""
+    try:
+        kind, name = cls.parse_key(raw)  # type: ignore[attr-defined]
+    except (ValueError, TypeError):
+        return None
     if kind in ("client_ip", "path", "header", "cookie"):
         return kind, name or ""
-    return "constant", str(raw)
+    return None
 
 
 # --------------------------------------------------------------------------- same server?

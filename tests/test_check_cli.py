@@ -19,7 +19,7 @@ EXAMPLES = ROOT / "config" / "examples"
 
 def check(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "balancer", "check", *args],
-                          capture_output=True, text=True, timeout=120, cwd=cwd,
+                          capture_output=True, text=True, timeout=120, cwd=cwd, check=False,
                           stdin=subprocess.DEVNULL)
 
 
@@ -40,8 +40,8 @@ REFUSED = {
         "pools.web: backend web1 would receive 100% of traffic (max_share 50%)"],
     "weights-9-1.yaml": ["pools.web: backend web1 would receive 90% of traffic (max_share 50%)"],
     "duplicate-server.yaml": [
-        "pools.web: backends web1 and web2 are the same server (http://localhost:9001, "
-        "http://127.0.0.1:9001); together they would receive 100% of traffic"],
+        ("pools.web: backends web1 and web2 are the same server (http://localhost:9001, "
+        "http://127.0.0.1:9001); together they would receive 100% of traffic")],
     "all-but-one-backup.yaml": [
         "pools.web: only 1 distinct active backend: backend web1 would receive 100% of traffic",
         "pools.web: backend web1 would receive 100% of traffic (max_share 50%)"],
@@ -106,8 +106,8 @@ def test_invalid_config_lists_every_problem_on_stderr(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"{path}: guard.max_sahre: unknown key (did you mean 'max_share'?)",
         f"{path}: pools.web.backends[0].weight: must be >= 0, got -3",
-        f"{path}: pools.web.backends[1].url: scheme must be http or https, got "
-        "'gopher://127.0.0.1:9002'",
+        (f"{path}: pools.web.backends[1].url: scheme must be http or https, got "
+        "'gopher://127.0.0.1:9002'"),
     ]
     assert result.stdout == f"{path}: invalid (3 problems)\n"
 

@@ -16,7 +16,7 @@ import pytest
 
 from balancer import guard
 from balancer.backend import Backend
-from balancer.config import Config, parse_config
+from balancer.config import Config, ConfigError, parse_config
 from balancer.guard import GuardReport, evaluate, format_diff, format_shares
 from balancer.strategies.base import PickContext, Strategy
 
@@ -446,3 +446,75 @@ def test_format_diff_shows_added_backends_and_pools() -> None:
 def test_format_diff_without_an_old_report() -> None:
     assert format_diff(None, check(config(backends(1, 1)))).splitlines()[1] == \
         "  web1   new → 50%  *"
+
+
+# --------------------------------------------------------------------------- hash keys
+
+
+def hashed(key: str, routes: list[dict[str, Any]], **pool: Any) -> Config:
+    pytest.importorskip("balancer.strategies.consistent_hash")
+    return parse_config({
+        "pools": {"api": {"strategy": {"name": "consistent_hash", "key": key},
+                          "backends": backends(1, 1, 1), **pool},
+                  "web": {"backends": backends(1, 1)}},
+        "routes": [*routes, {"pool": "web"}],
+    })
+
+
+def test_hashing_on_a_host_every_route_pins_is_refused() -> None:
+    cfg = hashed("header:Host", [{"host": "api.example.com", "pool": "api"}])
+    report = check(cfg)
+    assert ("pools.api: consistent_hash key header:host only takes the values the routes to "
+            "this pool pin (api.example.com), so every request hashes alike; ") in (
+        report.errors[0])
+    assert report.errors[0].endswith("would receive 100% of traffic")
+    # The simulation sees the same thing on its own: the routes pin the Host it sends.
+    assert any(e.endswith("would receive 100% of traffic (max_share 50%)") for e in report.errors)
+
+
+def test_two_pinned_hosts_hash_to_at_most_two_backends() -> None:
+    cfg = hashed("header:host", [{"host": "a.example.com", "pool": "api"},
+                                 {"host": "b.example.com", "path_prefix": "/x", "pool": "api"}])
+    assert any("(a.example.com, b.example.com), so requests hash to at most 2 backends" in e
+               for e in check(cfg).errors)
+
+
+@pytest.mark.parametrize("routes", [
+    [{"path_prefix": "/api", "pool": "api"}],                   # any host reaches it
+    [{"host": "*.example.com", "pool": "api"}],                 # many hosts reach it
+])
+def test_hashing_on_a_host_that_varies_is_accepted(routes: list[dict[str, Any]]) -> None:
+    report = check(hashed("header:Host", routes))
+    assert report.ok, report.errors
+
+
+@pytest.mark.parametrize("key", ["client_ip", "path", "header:X-Tenant", "cookie:sid"])
+def test_hashing_on_what_varies_is_accepted(key: str) -> None:
+    cfg = hashed(key, [{"host": "api.example.com", "pool": "api"}])
+    report = check(cfg)
+    assert report.ok, report.errors
+    assert all(abs(s - 1 / 3) < 0.03 for s in report.shares["api"].values())
+
+
+def test_the_stream_varies_the_header_or_cookie_a_hash_key_names() -> None:
+    cfg = hashed("cookie:sid", [{"pool": "api"}])
+    traffic = guard.synthetic_traffic(cfg.pools["api"], count=500)
+    assert len({c.cookie("sid") for c in traffic}) == 500
+    cfg = hashed("header:X-Tenant", [{"pool": "api"}])
+    traffic = guard.synthetic_traffic(cfg.pools["api"], count=500)
+    assert len({c.header("x-tenant") for c in traffic}) == 500
+
+
+def test_a_constant_hash_key_never_loads() -> None:
+    with pytest.raises(ConfigError) as info:
+        hashed("tenant-42", [{"pool": "api"}])
+    assert info.value.problems[0].startswith("pools.api.strategy.key: must be client_ip, path, ")
+
+
+def test_allow_concentration_covers_a_pinned_hash_key() -> None:
+    cfg = hashed("header:Host", [{"host": "api.example.com", "pool": "api"}],
+                 allow_concentration="one tenant per host, by design")
+    report = check(cfg)
+    assert report.ok
+    assert any("header:host only takes the values" in w and "by design" in w
+               for w in report.warnings)
