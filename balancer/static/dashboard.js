@@ -14,7 +14,7 @@ function el(tag, cls, text) {
   return e;
 }
 
-function pct(x) { return (x * 100).toFixed(x > 0 && x < 0.1 ? 1 : 0) + "%"; }
+function pct(x) { return +(x * 100).toFixed(1) + "%"; }
 
 function duration(s) {
   s = Math.floor(s);

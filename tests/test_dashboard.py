@@ -1,0 +1,242 @@
+"""The dashboard in a real headless Chromium, driven over the DevTools protocol.
+
+The page must load from the admin app alone (no network beyond it), show every pool and every
+backend, and move its traffic-share bars by itself when traffic shifts, showing the
+concentration warning when the monitor fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+
+from balancer.admin import AdminServer
+from balancer.backend import Backend
+from balancer.config import parse_config
+from balancer.monitor import Monitor
+from balancer.pool import Pool
+from tests.support.net import free_port
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed "
+                                "(.ci/run installs Debian's chromium package)")
+
+#: Every wait on the browser gives up after this long (seconds).
+WAIT = 20.0
+
+
+class Browser:
+    """Headless Chromium with one page, spoken to over its DevTools websocket."""
+
+    def __init__(self, profile: Path) -> None:
+        self.profile = profile
+        self.proc: asyncio.subprocess.Process | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._id = 0
+        self.exceptions: list[str] = []
+        self.requests: list[str] = []
+
+    async def start(self) -> None:
+        assert CHROMIUM is not None
+        self.proc = await asyncio.create_subprocess_exec(
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", "--disable-extensions", "--mute-audio",
+            f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
+            "--window-size=1200,900", "about:blank",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        port_file = self.profile / "DevToolsActivePort"
+        deadline = time.monotonic() + WAIT
+        while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
+            if time.monotonic() > deadline or self.proc.returncode is not None:
+                raise AssertionError("chromium did not open its DevTools port")
+            await asyncio.sleep(0.05)
+        port = int(port_file.read_text().splitlines()[0])
+        self.session = aiohttp.ClientSession()
+        async with self.session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+            targets = await resp.json(content_type=None)
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+        await self.call("Runtime.enable")
+        await self.call("Page.enable")
+        await self.call("Network.enable")
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self.session is not None:
+            await self.session.close()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        assert self.ws is not None
+        self._id += 1
+        mine = self._id
+        await self.ws.send_json({"id": mine, "method": method, "params": params})
+        while True:
+            msg = await self.ws.receive(timeout=WAIT)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise AssertionError(f"DevTools connection ended: {msg.type}")
+            data = json.loads(msg.data)
+            if data.get("id") == mine:
+                if "error" in data:
+                    raise AssertionError(f"{method}: {data['error']}")
+                return data.get("result", {})
+            self._event(data)
+
+    def _event(self, data: dict[str, Any]) -> None:
+        method, params = data.get("method"), data.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            self.exceptions.append(json.dumps(params.get("exceptionDetails", {}))[:500])
+        elif method == "Network.requestWillBeSent":
+            self.requests.append(params["request"]["url"])
+
+    async def eval(self, expression: str) -> Any:
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                                 awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, what: str) -> Any:
+        """Poll ``expression`` in the page until it is truthy; its value."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            value = await self.eval(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"page never showed {what} ({expression})")
+            await asyncio.sleep(0.1)
+
+    async def screenshot(self, path: Path) -> None:
+        shot = await self.call("Page.captureScreenshot", format="png")
+        path.write_bytes(base64.b64decode(shot["data"]))
+
+
+class Live:
+    """Admin app + pools + a monitor fed by synthetic traffic the test steers."""
+
+    def __init__(self) -> None:
+        self.config = parse_config({
+            "admin": f"127.0.0.1:{free_port()}",
+            "guard": {"live_window": "3s", "live_min_requests": 20},
+            "pools": {
+                "web": {"backends": [{"url": f"http://127.0.0.1:{9100 + i}", "name": f"web{i}"}
+                                     for i in (1, 2, 3)]},
+                "api": {"strategy": "least_connections",
+                        "backends": [{"url": "http://127.0.0.1:9201", "name": "api1"},
+                                     {"url": "http://127.0.0.1:9202", "name": "api2"}]}},
+            "routes": [{"pool": "web"}]})
+        self.pools = {name: Pool(pc, [Backend(b, name) for b in pc.backends])
+                      for name, pc in self.config.pools.items()}
+        self.reloads = {"applied": 3, "refused": 1}
+        self.started_at = time.time()
+        self.monitor = Monitor()
+        self.split = {"web": [1, 1, 1], "api": [1, 1]}
+
+    async def traffic(self) -> None:
+        """10 ticks a second: serve requests in the current split, then sample."""
+        while True:
+            for name, pool in self.pools.items():
+                for b, n in zip(pool.backends, self.split[name]):
+                    for _ in range(n * 3):
+                        pool.begin(b)
+                        pool.finish(b, 200, 0.004)
+            self.monitor.tick(self.pools, self.config.guard, time.monotonic())
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def live() -> AsyncIterator[tuple[Live, str]]:
+    app = Live()
+    server = AdminServer(app.monitor)
+    await server.start(app)
+    feeder = asyncio.create_task(app.traffic())
+    try:
+        yield app, f"http://{server.address}/"
+    finally:
+        feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)
+        await server.stop()
+
+
+@pytest.fixture
+async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
+    b = Browser(tmp_path / "profile")
+    try:
+        await b.start()
+        yield b
+    finally:
+        await b.close()
+
+
+SHARES = """JSON.stringify(Object.fromEntries([...document.querySelectorAll('tr.backend')]
+  .map(r => [r.dataset.pool + '/' + r.dataset.backend,
+             parseFloat(r.querySelector('.share-fill').style.width)])))"""
+
+
+async def test_dashboard_shows_every_backend_and_bars_follow_traffic(
+        live: tuple[Live, str], browser: Browser, tmp_path: Path) -> None:
+    app, url = live
+    await browser.call("Page.navigate", url=url)
+    await browser.wait_for("document.querySelectorAll('tr.backend').length === 5",
+                           "a row for each of the 5 backends")
+    pools = await browser.eval("[...document.querySelectorAll('section.pool')]"
+                               ".map(s => s.dataset.pool)")
+    assert pools == ["web", "api"]
+    names = await browser.eval("[...document.querySelectorAll('tr.backend')]"
+                               ".map(r => r.querySelector('strong').textContent)")
+    assert names == ["web1", "web2", "web3", "api1", "api2"]
+    assert await browser.eval("document.getElementById('reloads-applied').textContent") == "3"
+
+    # Even traffic: every web bar near a third, no warning.
+    await browser.wait_for(f"Object.entries(JSON.parse({SHARES})).filter(([k]) => "
+                           "k.startsWith('web/')).every(([, w]) => w > 25 && w < 42)",
+                           "even web bars")
+    assert await browser.eval("document.querySelector('section[data-pool=web] "
+                              ".alert.concentrated').hidden") is True
+    even = json.loads(await browser.eval(SHARES))
+
+    # Traffic shifts onto web1: its bar grows by itself and the warning appears.
+    app.split["web"] = [10, 1, 0]
+    await browser.wait_for(f"JSON.parse({SHARES})['web/web1'] > 80", "web1's bar above 80%")
+    warning = await browser.wait_for(
+        "(e => !e.hidden && e.textContent)(document.querySelector("
+        "'section[data-pool=web] .alert.concentrated'))", "the concentration warning")
+    assert "web1" in warning
+    shifted = json.loads(await browser.eval(SHARES))
+    assert shifted["web/web1"] > even["web/web1"] + 40
+    assert shifted["web/web3"] < even["web/web3"] - 25
+    assert await browser.eval("document.querySelector('tr[data-backend=web1] .share-fill')"
+                              ".classList.contains('hot')") is True
+    # The other pool is untouched.
+    assert await browser.eval("document.querySelector('section[data-pool=api] "
+                              ".alert.concentrated').hidden") is True
+
+    # A backend going down shows as down, with its reason.
+    app.pools["web"].backends[2].healthy = False
+    app.pools["web"].backends[2].health_reason = "status 500"
+    state = await browser.wait_for(
+        "(r => r.dataset.state === 'down' && r.querySelector('.reason').textContent)"
+        "(document.querySelector('tr[data-backend=web3]'))", "web3 down")
+    assert state == "status 500"
+
+    await browser.screenshot(tmp_path / "dashboard.png")
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert browser.exceptions == []
+    # Everything the page loaded came from the admin app: it works offline.
+    assert browser.requests and all(r.startswith(url) for r in browser.requests), \
+        browser.requests
