@@ -6,6 +6,7 @@ must judge a strategy by what it does, so the tests give it strategies that misb
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -518,3 +519,38 @@ def test_allow_concentration_covers_a_pinned_hash_key() -> None:
     assert report.ok
     assert any("header:host only takes the values" in w and "by design" in w
                for w in report.warnings)
+
+
+# --------------------------------------------------------------------------- every built-in
+
+
+def builtin(name: str) -> str:
+    """A built-in strategy name, skipping until its module has landed."""
+    from balancer.strategies import STRATEGIES
+
+    pytest.importorskip(STRATEGIES[name].partition(":")[0])
+    return name
+
+
+BUILTINS = ["round_robin", "least_connections", "random", "power_of_two", "consistent_hash",
+            "ewma"]
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("weights", [(1, 1), (1, 1, 1), (2, 1, 1), (1, 1, 1, 1, 1)])
+def test_every_builtin_is_accepted_when_it_spreads(name: str, weights: tuple[int, ...]) -> None:
+    """Within the tolerance, including the randomised and latency-aware ones, in both passes."""
+    report = check(config(backends(*weights), strategy=builtin(name)))
+    assert report.ok, report.errors
+    total = sum(weights)
+    for i, w in enumerate(weights):
+        assert report.shares["web"][f"web{i + 1}"] == pytest.approx(w / total, abs=0.03)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_every_builtin_is_refused_at_9_to_1(name: str) -> None:
+    [error] = check(config(backends(9, 1), strategy=builtin(name))).errors
+    found = re.fullmatch(r"pools\.web: backend web1 would receive ([\d.]+)% of traffic"
+                         r"( when requests arrive one at a time)? \(max_share 50%\)", error)
+    assert found, error
+    assert 87 <= float(found.group(1)) <= 93
