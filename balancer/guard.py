@@ -67,37 +67,22 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
     reached = _reaching_routes(config.routes)
     hosts = {b.host for p in config.pools.values() for b in p.backends}
     addresses = _resolve(hosts) if resolve else {}
-    g = config.guard
     for name, pool in config.pools.items():
         where = f"pools.{name}"
         routes = reached.get(name, [])
         if not routes:
             report.warnings.append(f"{where}: no route reaches this pool; it gets no traffic")
         servers, unresolved = _servers(pool.backends, addresses, resolve)
-        for b in unresolved:
-            report.warnings.append(
-                f"{where}: backend {b.name}: host {b.host!r} does not resolve here; "
-                f"compared with the other backends by name only")
-        traffic = synthetic_traffic(pool, routes)
-        refusals: list[str] = []
+        report.warnings.extend(
+            f"{where}: backend {b.name}: host {b.host!r} does not resolve here; "
+            f"compared with the other backends by name only" for b in unresolved)
+        report.worst_failure[name] = None
         try:
-            shares, sequential = _worst_pass(pool, traffic)
+            refusals = _judge_pool(config, pool, routes, servers, report)
         except Exception as exc:  # noqa: BLE001 - a plug-in that raises here raises live too
             report.errors.append(f"{where}: strategy {pool.strategy.name!r} failed on simulated "
                                  f"traffic: {type(exc).__name__}: {exc}")
-            report.worst_failure[name] = None
             continue
-        report.shares[name] = shares
-        refusals += _min_backends(pool, servers, shares, g.min_backends)
-        refusals += _duplicates(pool, servers, shares)
-        refusals += _fixed_hash_key(pool, routes, shares)
-        refusals += _concentration(shares, g.max_share, sequential)
-        worst = _worst_failure(pool, traffic) if len(_servers_active(pool, servers)) > 1 else None
-        report.worst_failure[name] = worst
-        limit = g.max_share_after_failure
-        if worst is not None and limit is not None and worst[2] > limit + TOLERANCE:
-            refusals.append(f"if {worst[0]} fails, {worst[1]} takes {pct(worst[2])} of traffic "
-                            f"(guard.max_share_after_failure {pct(limit)})")
         for text in refusals:
             if pool.allow_concentration:
                 report.warnings.append(f"{where}: ALLOWED CONCENTRATION: {text}; accepted because "
@@ -105,6 +90,27 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
             else:
                 report.errors.append(f"{where}: {text}")
     return report
+
+
+def _judge_pool(config: Config, pool: PoolConfig, routes: Sequence[RouteConfig],
+                servers: dict[str, object], report: GuardReport) -> list[str]:
+    """Simulate one pool (filling its shares and worst failure in ``report``); its refusals."""
+    g = config.guard
+    traffic = synthetic_traffic(pool, routes)
+    shares, sequential = _worst_pass(pool, traffic)
+    report.shares[pool.name] = shares
+    refusals = _min_backends(pool, servers, shares, g.min_backends)
+    refusals += _duplicates(pool, servers, shares)
+    refusals += _fixed_hash_key(pool, routes, shares)
+    refusals += _concentration(shares, g.max_share, sequential)
+    if len(_servers_active(pool, servers)) < 2:
+        return refusals  # nothing to fail over to: already refused, or explicitly allowed
+    worst = report.worst_failure[pool.name] = _worst_failure(pool, traffic)
+    limit = g.max_share_after_failure
+    if worst is not None and limit is not None and worst[2] > limit + TOLERANCE:
+        refusals.append(f"if {worst[0]} fails, {worst[1]} takes {pct(worst[2])} of traffic "
+                        f"(guard.max_share_after_failure {pct(limit)})")
+    return refusals
 
 
 # --------------------------------------------------------------------------- the rules
