@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
+import logging
 import random
 import socket
 import threading
@@ -312,6 +313,17 @@ def _covers(a: RouteConfig, b: RouteConfig) -> bool:
 
 # --------------------------------------------------------------------------- simulation
 
+_simulating = threading.local()
+
+
+def _not_simulated(record: logging.LogRecord) -> bool:
+    """Drop the log lines of simulated pools ("panic", "ejected"): they are not real events.
+    Per thread, so a reload simulating in a worker thread never hides the live pools' lines."""
+    return not getattr(_simulating, "active", False)
+
+
+logging.getLogger("balancer.pool").addFilter(_not_simulated)
+
 _WORDS = ("home", "cart", "api", "search", "img", "user", "items", "login", "static", "feed")
 
 
@@ -368,6 +380,15 @@ def simulate(pool: PoolConfig, traffic: Sequence[PickContext], *, concurrency: i
     (connection counts, latency) see what live traffic would show them. ``down`` names a
     backend marked unhealthy, as a failed health check would.
     """
+    _simulating.active = True
+    try:
+        return _run(pool, traffic, concurrency, down, seed)
+    finally:
+        _simulating.active = False
+
+
+def _run(pool: PoolConfig, traffic: Sequence[PickContext], concurrency: int,
+         down: str | None, seed: int) -> dict[str, float]:
     now = [0.0]
     backends = [Backend(b, pool.name, pool.max_connections) for b in pool.backends]
     for b in backends:

@@ -554,3 +554,20 @@ def test_every_builtin_is_refused_at_9_to_1(name: str) -> None:
                          r"( when requests arrive one at a time)? \(max_share 50%\)", error)
     assert found, error
     assert 87 <= float(found.group(1)) <= 93
+
+
+def test_simulated_pools_do_not_log_as_if_they_were_live(caplog: pytest.LogCaptureFixture) -> None:
+    """A reload simulates while the proxy serves: a simulated panic must not reach the logs,
+    while a real pool's panic still does."""
+    from balancer.pool import Pool
+
+    cfg = config(backends(1, 1, 1), panic_threshold=0.9)
+    with caplog.at_level("WARNING", logger="balancer.pool"):
+        report = check(cfg)
+        assert report.worst_failure["web"] is not None  # failures were simulated, in panic
+        assert [r for r in caplog.records if "panic" in r.getMessage()] == []
+        live = [Backend(b, "web") for b in cfg.pools["web"].backends]
+        pool = Pool(cfg.pools["web"], live)
+        live[0].healthy = False
+        pool.state_changed()
+    assert any("panic: only 2 of 3 backends healthy" in r.getMessage() for r in caplog.records)
