@@ -6,6 +6,7 @@ plug-in strategy next to its config must be found through the config's own locat
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "config" / "examples"
 
 
-def check(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def check(*args: str, cwd: Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "balancer", "check", *args],
                           capture_output=True, text=True, timeout=120, cwd=cwd, check=False,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=env)
 
 
 def write(path: Path, data: object) -> Path:
@@ -192,3 +194,14 @@ def test_plugin_next_to_the_config_is_found_from_any_directory(tmp_path: Path) -
     result = check("-c", str(path), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
     assert "  web1   50%" in result.stdout
+
+
+def test_same_config_same_numbers_in_every_process(tmp_path: Path) -> None:
+    """Seeded simulation, stable hashes: string hashing differs per process, the verdict not."""
+    path = ROOT / "config" / "balancer.yaml"
+    outputs = set()
+    for seed in ("1", "2"):
+        result = check("-c", str(path), env={**os.environ, "PYTHONHASHSEED": seed})
+        assert result.returncode == 0
+        outputs.add(result.stdout)
+    assert len(outputs) == 1
