@@ -1,0 +1,645 @@
+"""One request on its way through the proxy: to a backend (again, where that is safe) and back.
+
+An ``Exchange`` is created when a request starts arriving on a ``ClientConnection`` and lives
+until its answer is written. It is also the *sink* of the upstream connection it uses
+(``upstream.ResponseSink``), so the response path is direct callbacks, no queue or task.
+
+Failure rules (each answer is a short JSON body carrying the request id):
+
+- no route → 404; the pool has no backend for it → 503 with ``Retry-After``;
+- a connection cannot be made → another backend (any method: nothing was sent), up to
+  ``retries`` more attempts; all fail → 502;
+- the backend fails after the request went out → another backend only for idempotent methods
+  whose body so far fits the replay buffer (``REPLAY_LIMIT``); otherwise 502. A pooled
+  keep-alive connection the backend had already closed (no byte came back) is retried on a
+  fresh connection to the same backend without counting against it;
+- nothing comes back within ``timeouts.read`` → 504 (not retried: it would multiply the wait);
+- an answer cut short after bytes reached the client → the client connection is aborted, so a
+  truncated body is never taken for a complete one.
+
+The pool hears of every attempt exactly once (``Pool.finish``), with its latency or its error
+kind (``connect``, ``timeout``, ``reset``, ``protocol``), which feeds counters, the EWMA and
+passive ejection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from http import HTTPStatus
+from itertools import count
+from typing import TYPE_CHECKING, Any, Coroutine
+
+from balancer import accesslog
+from balancer.backend import Backend
+from balancer.pool import NoBackend, Pool
+from balancer.strategies import PickContext
+from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from balancer.proxy import ClientConnection
+
+__all__ = ["Exchange", "Reject", "IDEMPOTENT", "REPLAY_LIMIT", "P_UPSTREAM", "P_BUFFER", "now"]
+
+log = logging.getLogger("balancer.proxy")
+
+now = time.monotonic
+
+#: Methods that may be sent twice (RFC 9110 §9.2.2).
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+#: Request body bytes kept to resend on another backend; a longer body is sent once.
+REPLAY_LIMIT = 64 * 1024
+
+# Why reading from a client is paused (a bit each; reading resumes when none is left).
+P_UPSTREAM = 1  # the backend reads the request body slower than the client sends it
+P_BUFFER = 2  # bytes wait here: a body before a backend is connected, pipelined requests
+
+# How the answer's body goes to the client.
+O_NONE, O_RAW, O_CHUNK = 0, 1, 2
+
+_RID_PREFIX = os.urandom(4).hex()
+_rid_seq = count(1)
+_SANE_RID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}").fullmatch
+# Never dropped because a Connection header names them: they frame the request.
+_PROTECTED = frozenset((b"content-length", b"host", b"upgrade"))
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+class Reject(Exception):
+    """A request we refuse to forward: answered with ``status`` and closed."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def new_request_id() -> bytes:
+    """Unique per process and cheap: a random prefix and a counter."""
+    return f"{_RID_PREFIX}{next(_rid_seq):08x}".encode()
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[key] = line
+    return line
+
+
+def error_response(status: int, request_id: bytes, detail: str, close: bool,
+                   retry_after: int | None = None) -> bytes:
+    """A short JSON answer the proxy gives itself: what went wrong, and the request id."""
+    phrase = HTTPStatus(status).phrase
+    rid = request_id.decode("latin-1")
+    body = (json.dumps({"status": status, "error": phrase, "detail": detail,
+                        "request_id": rid}) + "\n").encode()
+    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Request-ID: {rid}\r\n")
+    if retry_after is not None:
+        head += f"Retry-After: {retry_after}\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+class Exchange:
+    """One request and its answer."""
+
+    __slots__ = (
+        "conn", "settings",
+        # The request, as parsed
+        "method", "url", "target", "path", "headers", "lines", "host", "host_raw", "xff",
+        "rid_in", "rid", "te", "upgrade", "named", "expect", "http10", "keep_alive",
+        "content_length", "chunked", "expect_continue", "websocket", "headers_done",
+        "request_done", "body_size", "reject", "counted",
+        # Request body not yet sent, and what was sent, kept for a retry while it is small
+        "pending", "pending_size", "replay", "replay_size", "replayable",
+        # Forwarding
+        "pool", "head", "ctx", "tried", "attempts", "backend", "backend_name", "upstream",
+        "sent", "stale_retry", "last_error", "timer", "timer_mark", "task", "started",
+        # The answer
+        "status", "out", "out_framing", "head_built", "committed", "close", "abort",
+        "bytes_out", "finished", "client_gone",
+        # Times (monotonic seconds)
+        "t_start", "t_sent", "t_head",
+    )
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.settings = conn.state.settings
+        self.method = b""
+        self.url = b""
+        self.target = self.path = b"/"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.lines: list[bytes] = []
+        self.host = b""
+        self.host_raw = self.xff = self.rid_in = self.te = self.upgrade = None
+        self.expect: bytes | None = None
+        self.rid: bytes | None = None
+        self.named: list[bytes] | None = None
+        self.http10 = self.keep_alive = self.chunked = self.expect_continue = False
+        self.websocket = self.headers_done = self.request_done = self.counted = False
+        self.content_length = self.body_size = 0
+        self.reject: tuple[int, str] | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = self.replay_size = 0
+        self.replay: list[bytes] | None = None
+        self.replayable = True
+        self.pool: Pool | None = None
+        self.head = b""
+        self.ctx: PickContext | None = None
+        self.tried: list[Backend] = []
+        self.attempts = 0
+        self.backend: Backend | None = None
+        self.backend_name: str | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.sent = self.stale_retry = self.started = False
+        self.last_error = ""
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_mark = 0
+        self.task: asyncio.Task[None] | None = None
+        self.status = 0
+        self.out: list[bytes] = []
+        self.out_framing = O_NONE
+        self.head_built = self.committed = self.close = self.abort = False
+        self.finished = self.client_gone = False
+        self.bytes_out = 0
+        self.t_start = self.t_sent = self.t_head = 0.0
+
+    # --- starting ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Its turn on the connection: answer it ourselves, or pick a backend and send."""
+        self.started = True
+        rid = self.rid_in
+        self.rid = rid if rid is not None and _SANE_RID(rid) else new_request_id()
+        if self.reject is not None:
+            self.respond_local(*self.reject)
+            return
+        if self.pool is None:
+            self.respond_local(404, "no route for this host and path")
+            return
+        self._build_head()
+        self.ctx = PickContext(self.conn.client_ip, self.path.decode("latin-1"),
+                               self.method.decode("ascii"), self.headers)
+        self._attempt()
+
+    def _build_head(self) -> None:
+        """The request head the backends get (the same for every attempt)."""
+        conn = self.conn
+        settings = self.settings
+        lines = self.lines
+        if self.named is not None:
+            named = set(self.named) - _PROTECTED
+            lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
+        ip = conn.client_ip.encode()
+        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        host = self.host_raw
+        if host is not None:
+            parts += (b"Host: ", host, b"\r\n")
+        parts += lines
+        parts += (b"X-Forwarded-For: ", ip if self.xff is None else self.xff + b", " + ip,
+                  b"\r\nX-Forwarded-Proto: ", conn.proto, b"\r\n")
+        if host is not None:
+            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        parts += (b"X-Request-ID: ", self.rid, b"\r\n",  # type: ignore[list-item]
+                  settings.via_request_10 if self.http10 else settings.via_request)
+        if self.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if self.expect_continue:
+            parts.append(b"Expect: 100-continue\r\n")
+        if self.websocket:
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")  # type: ignore
+        parts.append(b"\r\n")
+        self.head = b"".join(parts)
+
+    # --- choosing a backend --------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        pool = self.pool
+        assert pool is not None and self.ctx is not None
+        try:
+            backend = pool.pick(self.ctx, self.tried)
+        except NoBackend as exc:
+            if exc.reason == "overload" and pool.config.queue_timeout > 0:
+                self._spawn(self._wait_for_slot())
+            else:
+                self._no_backend(exc.reason)
+            return
+        except Exception:  # a plug-in strategy's bug must cost one request, not the proxy
+            log.exception("pool %s: choosing a backend failed", pool.name)
+            self.respond_local(502, f"pool {pool.name}: choosing a backend failed")
+            return
+        pool.begin(backend)
+        self._use(backend)
+
+    async def _wait_for_slot(self) -> None:
+        """Every backend is at its max_connections: wait (bounded) for a slot."""
+        pool = self.pool
+        assert pool is not None and self.ctx is not None
+        try:
+            try:
+                backend = await pool.acquire(self.ctx, self.tried)
+            except NoBackend as exc:
+                if not self.finished:
+                    self._no_backend(exc.reason)
+                return
+            if self.finished:  # the client left while we waited
+                pool.finish(backend)
+                return
+            self._use(backend)
+        except Exception:
+            self._bug()
+
+    def _no_backend(self, reason: str) -> None:
+        name = self.pool.name  # type: ignore[union-attr]
+        if self.tried:
+            self.respond_local(502, f"no backend of pool {name} answered after "
+                                    f"{self.attempts} attempt(s); last: {self.last_error}")
+        elif reason == "overload":
+            self.respond_local(503, f"every backend of pool {name} is at its connection limit",
+                               retry_after=1)
+        else:
+            self.respond_local(503, f"no backend of pool {name} is available", retry_after=5)
+
+    def _use(self, backend: Backend) -> None:
+        """Send to ``backend`` (a slot is taken): on a pooled connection, else a new one."""
+        self.backend = backend
+        self.attempts += 1
+        upool = backend.connections
+        if upool is None:
+            upool = backend.connections = UpstreamPool(backend)
+        up = upool.get()
+        if up is not None:
+            self._send(up)
+        else:
+            self._spawn(self._open(backend))
+
+    async def _open(self, backend: Backend) -> None:
+        upool: UpstreamPool = backend.connections
+        try:
+            try:
+                up = await upool.connect(self.pool.config.timeouts.connect)  # type: ignore
+            except OSError as exc:
+                if self.backend is backend and not self.finished:
+                    self._connect_failed("connect timed out" if isinstance(exc, TimeoutError)
+                                         else f"connect failed: {exc.strerror or exc}")
+                return
+            if self.backend is not backend or self.finished:  # the client left meanwhile
+                upool.release(up, True)
+                return
+            self._send(up)
+        except Exception:
+            self._bug()
+
+    def _connect_failed(self, detail: str) -> None:
+        backend = self.backend
+        assert backend is not None
+        self._finish_backend(0, error="connect", latency=None)
+        self.tried.append(backend)
+        self.last_error = f"{backend.name}: {detail}"
+        if self.attempts <= self.pool.config.retries and self.replayable:  # type: ignore
+            self._attempt()
+        else:
+            self.respond_local(502, f"no backend of pool {self.pool.name} could be reached "  # type: ignore
+                                    f"after {self.attempts} attempt(s); last: {self.last_error}")
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _send(self, up: UpstreamConnection) -> None:
+        """Write the head, and the body so far, to ``up``."""
+        self.upstream = up
+        up.begin(self, self.method == b"HEAD")
+        transport = up.transport
+        assert transport is not None
+        conn = self.conn
+        if conn.write_paused:
+            transport.pause_reading()
+        replay = self.replay
+        pending = self.pending
+        if replay or pending:
+            parts = [self.head]
+            if replay:
+                parts += replay
+            if pending:
+                parts += pending
+                self._keep(pending)
+                self.pending = []
+                self.pending_size = 0
+            transport.writelines(parts)
+        else:
+            transport.write(self.head)
+        self.t_sent = now()
+        self.sent = False
+        if transport.is_closing():
+            self._write_failed(up)
+            return
+        if self.request_done:
+            self.sent = True
+            self._arm_timer()
+        if conn.paused:
+            conn.check_buffers()
+
+    def flush_request(self) -> None:
+        """Send request body bytes that arrived since; note when the request is all out."""
+        up = self.upstream
+        if up is None or up.spliced:
+            return
+        pending = self.pending
+        if pending:
+            up.transport.writelines(pending)  # type: ignore[union-attr]
+            self._keep(pending)
+            self.pending = []
+            self.pending_size = 0
+        if self.request_done and not self.sent:
+            self.sent = True
+            self._arm_timer()
+
+    def _keep(self, chunks: list[bytes]) -> None:
+        """Remember sent body bytes for a retry, while they fit the replay buffer."""
+        if self.replayable:
+            size = self.replay_size + self.pending_size
+            if size > REPLAY_LIMIT:
+                self.replayable = False
+                self.replay = None
+            else:
+                self.replay_size = size
+                if self.replay is None:
+                    self.replay = list(chunks)
+                else:
+                    self.replay += chunks
+
+    def _write_failed(self, up: UpstreamConnection) -> None:
+        """The connection was dead before the request reached it: nothing was delivered."""
+        self.upstream = None
+        up.close()
+        if up.reused and not self.stale_retry:
+            self.stale_retry = True
+            self._spawn(self._open(self.backend))  # type: ignore[arg-type]
+        else:
+            self._connect_failed("connection closed before the request was sent")
+
+    def _arm_timer(self) -> None:
+        up = self.upstream
+        assert up is not None and self.pool is not None
+        self.timer_mark = up.received
+        self.timer = asyncio.get_running_loop().call_later(
+            self.pool.config.timeouts.read, self._read_timeout)
+
+    def _read_timeout(self) -> None:
+        """``timeouts.read`` passed: if no byte came meanwhile, give up on this backend."""
+        self.timer = None
+        up = self.upstream
+        if up is None or self.finished:
+            return
+        if up.received != self.timer_mark:
+            self._arm_timer()  # bytes came: wait another full period from now
+            return
+        self._broke(up, "timeout", f"no answer within {self.pool.config.timeouts.read:g}s")  # type: ignore
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # --- the answer (upstream.ResponseSink) ----------------------------------------------
+
+    def upstream_head(self, up: UpstreamConnection) -> None:
+        status = up.status
+        if status == 101 and not self.websocket:
+            raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
+        self.status = status
+        self.t_head = now()
+        settings = self.settings
+        close = not self.keep_alive or self.conn.closing or (self.websocket and status != 101)
+        parts = [_status_line(status, up.reason)]
+        parts += up.lines
+        parts += (settings.via_response, b"X-Request-ID: ", self.rid, b"\r\n")  # type: ignore
+        framing = up.framing
+        if framing == NO_BODY:
+            self.out_framing = O_NONE
+        elif framing == LENGTH:
+            self.out_framing = O_RAW
+        elif self.http10:
+            self.out_framing = O_RAW  # HTTP/1.0 has no chunks: the body ends with the connection
+            close = True
+        else:
+            self.out_framing = O_CHUNK
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if status == 101:
+            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        elif close:
+            parts.append(b"Connection: close\r\n")
+        elif self.http10:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.close = close
+        self.out.append(b"".join(parts))
+        self.head_built = True
+
+    def upstream_informational(self, up: UpstreamConnection) -> None:
+        if not self.http10:  # HTTP/1.0 clients do not expect 1xx
+            self.out.append(b"".join([_status_line(up.status, up.reason), *up.lines, b"\r\n"]))
+
+    def upstream_body(self, data: bytes) -> None:
+        size = len(data)
+        self.bytes_out += size
+        if self.out_framing == O_CHUNK:
+            self.out += (b"%x\r\n" % size, data, b"\r\n")
+        else:
+            self.out.append(data)
+
+    def upstream_data_done(self) -> None:
+        up = self.upstream
+        if up is None:
+            return
+        out = self.out
+        if up.complete and self.out_framing == O_CHUNK:
+            trailers = up.trailers
+            out.append(b"0\r\n" + b"".join(trailers) + b"\r\n" if trailers else b"0\r\n\r\n")
+        if out:
+            self.conn.transport.writelines(out)  # type: ignore[union-attr]
+            out.clear()
+            self.committed = self.head_built
+        if up.complete:
+            self.upstream = None
+            self._cancel_timer()
+            up.upstream.release(up, up.keep_alive and self.sent)
+            self._finish_backend(self.status)
+            if not self.request_done:
+                self.close = True  # answered before the body was read: cannot go on
+            self._done()
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """101: from now on, bytes pass through both ways until either side closes."""
+        self._cancel_timer()
+        out = self.out
+        if rest:
+            out.append(rest)
+        conn = self.conn
+        held = conn.start_splice(self)
+        conn.transport.writelines(out)  # type: ignore[union-attr]
+        out.clear()
+        self.committed = True
+        if held and self.upstream is not None:
+            self.upstream.transport.writelines(held)  # type: ignore[union-attr]
+
+    def upstream_raw(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.conn.transport.write(data)  # type: ignore[union-attr]
+
+    def client_raw(self, data: bytes) -> None:
+        up = self.upstream
+        if up is not None:
+            up.transport.write(data)  # type: ignore[union-attr]
+
+    def upstream_failed(self, kind: str, detail: str) -> None:
+        up = self.upstream
+        if up is not None:
+            self._broke(up, kind, detail)
+
+    def upstream_pause(self) -> None:
+        self.conn.pause(P_UPSTREAM)
+
+    def upstream_resume(self) -> None:
+        self.conn.resume(P_UPSTREAM)
+
+    def _broke(self, up: UpstreamConnection, kind: str, detail: str) -> None:
+        """The attempt on ``up`` failed: retry where safe, else answer or abort."""
+        self.upstream = None
+        up.close()
+        self._cancel_timer()
+        if up.spliced:  # a WebSocket closed by the backend: the session is over
+            self._finish_backend(101)
+            self.close = True
+            self._done()
+            return
+        if self.committed:  # the client has part of the answer: it must see it fail
+            self._finish_backend(self.status, error=kind)
+            self.abort = True
+            self._done()
+            return
+        self.out.clear()
+        self.head_built = False
+        backend = self.backend
+        assert backend is not None and self.pool is not None
+        if kind == "timeout":
+            self._finish_backend(0, error=kind, latency=now() - self.t_sent)
+            self.respond_local(504, f"backend {backend.name} did not answer within "
+                                    f"{self.pool.config.timeouts.read:g}s")
+            return
+        safe = self.method in IDEMPOTENT and self.replayable
+        if safe and up.reused and up.received == 0 and not self.stale_retry:
+            # A pooled connection the backend had closed: not the backend's failure.
+            self.stale_retry = True
+            self._spawn(self._open(backend))
+            return
+        self._finish_backend(0, error=kind, latency=None)
+        self.last_error = f"{backend.name}: {detail}"
+        if safe and self.attempts <= self.pool.config.retries:
+            self.tried.append(backend)
+            self._attempt()
+            return
+        self.respond_local(502, f"backend {backend.name} failed: {detail}")
+
+    # --- ending --------------------------------------------------------------------------
+
+    def _finish_backend(self, status: int, error: str | None = None,
+                        latency: float | None | Any = ...) -> None:
+        """Tell the pool this attempt is over (exactly once per acquired backend)."""
+        backend = self.backend
+        if backend is None:
+            return
+        self.backend = None
+        self.backend_name = backend.name
+        if latency is ...:
+            latency = self.t_head - self.t_sent if self.t_head else None
+        self.pool.finish(backend, status=status, latency=latency, error=error)  # type: ignore
+
+    def respond_local(self, status: int, detail: str, retry_after: int | None = None) -> None:
+        """Answer with our own short error response."""
+        conn = self.conn
+        if self.rid is None:
+            self.rid = new_request_id()
+        close = (not self.keep_alive or conn.closing or not self.request_done
+                 or self.websocket or self.reject is not None)
+        self.status = status
+        self.close = close
+        transport = conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(error_response(status, self.rid, detail, close, retry_after))
+        self.committed = True
+        self._done()
+
+    def refuse_late(self, status: int, detail: str) -> None:
+        """The request broke in its body (too large, bad chunk): stop forwarding it."""
+        self.request_done = False
+        if not self.started:
+            self.reject = (status, detail)
+            return
+        if not self.finished:
+            self.reject = (status, detail)
+            self._give_up(status, detail, None)  # the client's fault, not the backend's
+
+    def client_lost(self) -> None:
+        """The client's connection is gone."""
+        if self.finished:
+            return
+        self.client_gone = True
+        self._drop_upstream()
+        self._finish_backend(self.status)
+        self._done()
+
+    def _drop_upstream(self) -> None:
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.close()
+        self._cancel_timer()
+
+    def _give_up(self, status: int, detail: str, error: str | None) -> None:
+        """Stop this attempt and answer ``status``, or abort when the answer has begun."""
+        self._drop_upstream()
+        self._finish_backend(0, error=error, latency=None)
+        if self.committed:
+            self.abort = True
+            self._done()
+        else:
+            self.respond_local(status, detail)
+
+    def _bug(self) -> None:
+        log.exception("bug while forwarding %s %s", self.method.decode("latin-1"),
+                      self.target.decode("latin-1"))
+        if not self.finished:
+            self._give_up(500, "internal error", "protocol")
+
+    def _done(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        conn = self.conn
+        if self.counted:
+            conn.state.in_flight -= 1
+        if self.settings.access_log and accesslog.enabled():
+            t = now()
+            accesslog.write(
+                self.rid or b"-", conn.client_ip, self.method, self.url,
+                self.pool.name if self.pool is not None else None, self.backend_name,
+                499 if self.client_gone and not self.committed else self.status,
+                self.t_head - self.t_sent if self.t_head else None,
+                t - self.t_start if self.t_start else 0.0, self.bytes_out)
+        conn.exchange_done(self)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.task = asyncio.get_running_loop().create_task(coro)
+
+    def __repr__(self) -> str:
+        return (f"<Exchange {self.method.decode('latin-1')} {self.url.decode('latin-1')}"
+                f" status={self.status}{' finished' if self.finished else ''}>")

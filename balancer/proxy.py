@@ -1,0 +1,550 @@
+"""The client side of the request path: parse, route, pick, forward, answer.
+
+``ClientConnection`` is an ``asyncio.Protocol`` over httptools' request parser; each request on
+it is an ``Exchange`` (see ``exchange.py`` for forwarding, retries and error answers). The
+connection keeps what spans requests: keep-alive, the order of pipelined requests (served one at
+a time; later ones wait, parsed, with their bytes buffered and reading paused past a bound), flow
+control, and the switch to splicing bytes after a WebSocket upgrade.
+
+Everything here runs for every request, so it is plain callbacks, no task unless a request has
+to wait (a new upstream connection, a slot under ``max_connections``), and no work that could be
+done once at load time (``ProxySettings`` pre-builds its header lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from httptools import (HttpParserError, HttpParserInvalidMethodError,
+                       HttpParserInvalidURLError, HttpParserUpgrade, HttpRequestParser)
+
+from balancer.exchange import P_BUFFER, P_UPSTREAM, Exchange, Reject, now
+from balancer.router import Router, host_without_port
+from balancer.upstream import connection_tokens
+
+__all__ = ["ClientConnection", "ProxySettings", "ProxyState", "protocol_factory"]
+
+log = logging.getLogger("balancer.proxy")
+
+#: Body bytes buffered for a request that cannot be sent yet before the client is paused.
+BUFFER_LIMIT = 64 * 1024
+#: Pipelined requests parsed ahead of the one being served before the client is paused.
+PIPELINE_DEPTH = 16
+#: Seconds a connection closed with request bytes still coming keeps reading (and dropping)
+#: them, so that the client reads our answer rather than a reset.
+LINGER = 2.0
+
+# Request headers handled rather than copied as they are. Hop-by-hop ones are dropped
+# (RFC 9110 §7.6.1); the X-Forwarded-* pair and Via are set by us.
+H_DROP, H_HOST, H_CONNECTION, H_TE, H_UPGRADE, H_XFF, H_RID, H_EXPECT, H_LENGTH = range(9)
+_REQUEST_HEADERS: dict[bytes, int] = {
+    b"host": H_HOST, b"connection": H_CONNECTION, b"keep-alive": H_DROP,
+    b"proxy-connection": H_DROP, b"te": H_DROP, b"trailer": H_DROP,
+    b"transfer-encoding": H_TE, b"upgrade": H_UPGRADE, b"proxy-authorization": H_DROP,
+    b"proxy-authenticate": H_DROP, b"x-forwarded-for": H_XFF, b"x-forwarded-proto": H_DROP,
+    b"x-forwarded-host": H_DROP, b"x-request-id": H_RID, b"expect": H_EXPECT,
+    b"content-length": H_LENGTH,
+}
+_METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Request-path settings, built once per config by the app."""
+
+    access_log: bool = True  # one JSON line per request to the "balancer.access" logger
+    server_name: str = "balancer"  # for Via
+    max_body_size: int | None = None  # request bodies above this get 413 (None: no limit)
+    max_url_size: int = 8 * 1024  # longer request targets get 414
+    max_header_size: int = 32 * 1024  # larger request heads get 431
+    max_headers: int = 100  # more header fields get 431
+
+    # Pre-built header lines (derived from the fields above).
+    via_request: bytes = field(init=False, repr=False, compare=False)
+    via_request_10: bytes = field(init=False, repr=False, compare=False)
+    via_response: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        name = self.server_name.strip()
+        if not name or not re.fullmatch(r"[!-~]+", name):
+            raise ValueError(f"server_name must be one visible ASCII word, got {name!r}")
+        raw = name.encode("ascii")
+        object.__setattr__(self, "via_request", b"Via: 1.1 " + raw + b"\r\n")
+        object.__setattr__(self, "via_request_10", b"Via: 1.0 " + raw + b"\r\n")
+        object.__setattr__(self, "via_response", b"Via: 1.1 " + raw + b"\r\n")
+
+
+class ProxyState:
+    """Shared by every client connection; the app swaps ``router``/``settings`` on reload
+    (one assignment each). A request reads both when it arrives and keeps them to its end."""
+
+    __slots__ = ("router", "settings", "connections", "in_flight", "draining")
+
+    def __init__(self, router: Router, settings: ProxySettings) -> None:
+        self.router = router
+        self.settings = settings
+        self.connections: set[ClientConnection] = set()  # open client connections
+        self.in_flight = 0  # requests between their head and the end of their answer
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        """Stop keep-alive: close idle client connections now, busy ones after their answer."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+
+    def __repr__(self) -> str:
+        return (f"<ProxyState {len(self.connections)} connections, {self.in_flight} in flight"
+                f"{' draining' if self.draining else ''}>")
+
+
+def protocol_factory(state: ProxyState) -> Callable[[], asyncio.Protocol]:
+    """What ``loop.create_server`` needs: a new ClientConnection per accepted socket."""
+    return lambda: ClientConnection(state)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client's connection: keep-alive, pipelining, flow control, upgrades."""
+
+    __slots__ = (
+        "state", "transport", "parser", "client_ip", "proto",
+        # Requests: being parsed, being answered, and parsed ones waiting their turn
+        "parsing", "current", "backlog", "head_left", "head_raw", "upgrading",
+        # Flow control
+        "paused", "write_paused",
+        # Ending: close after the current answer; dropping what still comes; spliced bytes
+        "closing", "lingering", "held", "held_size", "splice", "_pumping",
+    )
+
+    def __init__(self, state: ProxyState) -> None:
+        self.state = state
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.client_ip = ""
+        self.proto = b"http"
+        self.parsing: Exchange | None = None
+        self.current: Exchange | None = None
+        self.backlog: list[Exchange] | None = None
+        self.head_left = self.head_raw = 0
+        self.upgrading: Exchange | None = None
+        self.paused = 0
+        self.write_paused = False
+        self.closing = state.draining
+        self.lingering: asyncio.TimerHandle | None = None
+        self.held: list[bytes] | None = None
+        self.held_size = 0
+        self.splice: Exchange | None = None
+        self._pumping = False
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else ""
+        if transport.get_extra_info("sslcontext") is not None:
+            self.proto = b"https"
+        self.state.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.splice is not None:
+            self.splice.client_raw(data)
+            return
+        if self.held is not None:
+            self._hold(data)
+            return
+        if self.lingering is not None:
+            return
+        parsing = self.parsing
+        if parsing is not None and not parsing.headers_done:
+            # A head split over reads: bound what httptools buffers before a field completes.
+            end = data.find(b"\r\n\r\n")
+            self.head_raw -= len(data) if end < 0 else end
+            if self.head_raw < 0:
+                self._refuse(431, "request header fields too large")
+                return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            if not self._upgraded(data[exc.args[0]:]):
+                return
+        except HttpParserError as exc:
+            self._parse_error(exc, data)
+            return
+        self._after_feed()
+
+    def _after_feed(self) -> None:
+        ex = self.current
+        if ex is not None:
+            if not ex.started:
+                self._pump()
+            elif ex.pending or (ex.request_done and not ex.sent):
+                ex.flush_request()
+        if self.paused & P_BUFFER or self.backlog or (ex is not None and ex.pending_size):
+            self.check_buffers()
+
+    def eof_received(self) -> bool | None:
+        return None  # a client that half-closes is done: close, as nginx does
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
+        if self.lingering is not None:
+            self.lingering.cancel()
+            self.lingering = None
+        pending = [self.current] if self.current is not None else []
+        if self.backlog:
+            pending.extend(self.backlog)
+        self.current = self.backlog = self.parsing = self.splice = None
+        self.held = None
+        for ex in pending:
+            ex.client_lost()
+
+    def pause_writing(self) -> None:
+        """The client reads slower than the backend sends: stop reading the backend."""
+        self.write_paused = True
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.current
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.transport.resume_reading()  # type: ignore[union-attr]
+
+    # --- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        ex = self.parsing = Exchange(self)
+        self.head_left = self.head_raw = ex.settings.max_header_size
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.url += url
+        if len(ex.url) > ex.settings.max_url_size:
+            raise Reject(414, "request target too long")
+        self.head_left -= len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if ex.headers_done:
+            return  # trailer fields after a chunked body: not forwarded
+        self.head_left -= len(name) + len(value) + 4
+        if self.head_left < 0:
+            raise Reject(431, "request header fields too large")
+        headers = ex.headers
+        headers.append((name, value))
+        if len(headers) > ex.settings.max_headers:
+            raise Reject(431, "too many header fields")
+        kind = _REQUEST_HEADERS.get(name.lower())
+        if kind is None:
+            ex.lines.append(name + b": " + value + b"\r\n")
+        elif kind == H_HOST:
+            if ex.host_raw is not None:
+                raise Reject(400, "more than one Host header")
+            ex.host_raw = value
+        elif kind == H_LENGTH:
+            ex.lines.append(name + b": " + value + b"\r\n")
+            ex.content_length = int(value)  # llhttp checked the digits and the duplicates
+        elif kind == H_CONNECTION:
+            ex.named = connection_tokens(value, ex.named)
+        elif kind == H_TE:
+            ex.te = value if ex.te is None else ex.te + b", " + value
+        elif kind == H_UPGRADE:
+            ex.upgrade = value
+        elif kind == H_XFF:
+            ex.xff = value if ex.xff is None else ex.xff + b", " + value
+        elif kind == H_RID:
+            if ex.rid_in is None:
+                ex.rid_in = value
+        elif kind == H_EXPECT:
+            ex.expect = value
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        parser = self.parser
+        ex.headers_done = True
+        ex.keep_alive = parser.should_keep_alive()  # only valid now (BENCHMARKING.md)
+        ex.method = method = parser.get_method()
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version != "1.0":
+                raise Reject(505, f"HTTP/{version} is not supported")
+            ex.http10 = True
+        if method == b"CONNECT":
+            raise Reject(405, "CONNECT is not supported by this proxy")
+        if ex.te is not None:
+            if ex.te.strip().lower() != b"chunked":
+                raise Reject(501, "only the chunked transfer-coding is implemented")
+            ex.chunked = True
+        elif ex.content_length:
+            limit = ex.settings.max_body_size
+            if limit is not None and ex.content_length > limit:
+                raise Reject(413, f"request body larger than {limit} bytes")
+        self._target(ex)
+        if ex.expect is not None:
+            if ex.expect.strip().lower() != b"100-continue":
+                raise Reject(417, "only the 100-continue expectation is supported")
+            ex.expect_continue = not ex.http10 and (ex.chunked or bool(ex.content_length))
+        if ex.upgrade is not None and method == b"GET" and ex.named is not None \
+                and b"upgrade" in ex.named and b"websocket" in ex.upgrade.lower():
+            ex.websocket = True
+        # The pool is chosen now, as the request arrives: a reload cannot move it mid-flight.
+        ex.pool = self.state.router.route(ex.host, ex.path)
+        ex.t_start = now()
+        ex.counted = True
+        self.state.in_flight += 1
+        if parser.should_upgrade():
+            self.upgrading = ex
+        if self.current is None:
+            self.current = ex
+        elif self.backlog is None:
+            self.backlog = [ex]
+        else:
+            self.backlog.append(ex)
+
+    def _target(self, ex: Exchange) -> None:
+        """Check the request target; set what routing and forwarding use."""
+        url = ex.url
+        if url[:1] == b"/":
+            ex.target = ex.path = url
+        elif url == b"*" and ex.method == b"OPTIONS":
+            ex.target, ex.path = url, b"/"
+        elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+            # Absolute form: its authority replaces Host (RFC 9112 §3.2.2).
+            rest = url.partition(b"://")[2]
+            cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0),
+                      default=len(rest))
+            authority, tail = rest[:cut], rest[cut:]
+            if not authority or b"@" in authority:
+                raise Reject(400, "invalid request target")
+            ex.host_raw = authority
+            ex.target = ex.path = tail if tail[:1] == b"/" else b"/" + tail
+        else:
+            raise Reject(400, "invalid request target")
+        if ex.host_raw is None:
+            if not ex.http10:
+                raise Reject(400, "HTTP/1.1 requests need a Host header")
+        else:
+            ex.host = host_without_port(ex.host_raw.lower())
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        size = len(body)
+        ex.body_size += size
+        limit = ex.settings.max_body_size
+        if limit is not None and ex.body_size > limit:
+            raise Reject(413, f"request body larger than {limit} bytes")
+        if ex.chunked:
+            ex.pending.extend((b"%x\r\n" % size, body, b"\r\n"))
+            size += 8
+        else:
+            ex.pending.append(body)
+        ex.pending_size += size
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if ex.chunked:
+            ex.pending.append(b"0\r\n\r\n")
+        ex.request_done = True
+        self.parsing = None
+
+    # --- serving requests in order -------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start the current request, and the next ones while requests finish at once."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while True:
+                ex = self.current
+                if ex is None:
+                    if not self.backlog:
+                        break
+                    ex = self.current = self.backlog.pop(0)
+                if ex.started:
+                    break
+                ex.start()
+        finally:
+            self._pumping = False
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """``ex`` has answered (or failed): close, or go on with the next request."""
+        if ex is not self.current:
+            return
+        self.current = None
+        if self.paused & P_UPSTREAM:
+            self.resume(P_UPSTREAM)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if ex.abort:
+            transport.abort()  # never let a cut-short answer pass for a complete one
+            return
+        if ex.close or self.closing:
+            self.splice = None
+            if ex.request_done or ex.websocket:
+                transport.close()
+            else:
+                self._linger()
+            return
+        if self.backlog:
+            self._pump()
+        if self.paused & P_BUFFER:
+            self.check_buffers()
+
+    def drain(self) -> None:
+        """Close now if idle, else after the answer in progress (keep-alive is over)."""
+        self.closing = True
+        if (self.current is None and not self.backlog and self.parsing is None
+                and self.transport is not None):
+            self.transport.close()
+
+    # --- flow control --------------------------------------------------------------------
+
+    def pause(self, why: int) -> None:
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.paused |= why
+
+    def resume(self, why: int) -> None:
+        if self.paused & why:
+            self.paused &= ~why
+            if not self.paused and self.transport is not None \
+                    and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def check_buffers(self) -> None:
+        """Pause reading while too much waits here; resume once it has gone on."""
+        ex = self.current
+        parsing = self.parsing
+        backlog = self.backlog
+        if ((ex is not None and ex.pending_size > BUFFER_LIMIT)
+                or (parsing is not None and parsing is not ex
+                    and parsing.pending_size > BUFFER_LIMIT)
+                or (backlog is not None and len(backlog) >= PIPELINE_DEPTH)
+                or self.held_size > BUFFER_LIMIT):
+            self.pause(P_BUFFER)
+        else:
+            self.resume(P_BUFFER)
+
+    # --- upgrades ------------------------------------------------------------------------
+
+    def _upgraded(self, rest: bytes) -> bool:
+        """The parser stopped after a request asking for an upgrade. True: carry on."""
+        ex, self.upgrading = self.upgrading, None
+        if ex is not None and ex.websocket:
+            # Whatever follows belongs to the new protocol, if the backend agrees (101).
+            self.held = []
+            self.held_size = 0
+            if rest:
+                self._hold(rest)
+            return True
+        # An upgrade we do not proxy (h2c...): Upgrade was dropped; go on parsing HTTP/1.1.
+        if rest:
+            try:
+                self.parser.feed_data(rest)
+            except HttpParserUpgrade as exc:
+                return self._upgraded(rest[exc.args[0]:])
+            except HttpParserError as exc:
+                self._parse_error(exc, rest)
+                return False
+        return True
+
+    def _hold(self, data: bytes) -> None:
+        assert self.held is not None
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size > BUFFER_LIMIT:
+            self.pause(P_BUFFER)
+
+    def start_splice(self, ex: Exchange) -> list[bytes]:
+        """``ex`` switched protocols: from now on bytes pass through. Returns held bytes."""
+        held = self.held or []
+        self.held = None
+        self.held_size = 0
+        self.splice = ex
+        self.resume(P_BUFFER)
+        return held
+
+    # --- refusing ------------------------------------------------------------------------
+
+    def _parse_error(self, exc: HttpParserError, data: bytes) -> None:
+        cause = exc.__context__
+        if isinstance(cause, Reject):
+            status, detail = cause.status, cause.detail
+        elif cause is not None and not isinstance(cause, HttpParserError):
+            log.error("bug while parsing a request from %s", self.client_ip, exc_info=cause)
+            status, detail = 500, "internal error"
+        elif isinstance(exc, HttpParserInvalidMethodError):
+            # A well-formed method we do not know is "not implemented"; garbage is a bad request.
+            start = data.lstrip(b"\r\n")
+            known = _METHOD_TOKEN.match(start[:64]) is not None
+            status, detail = (501, "unknown method") if known else (400, "invalid request line")
+        elif isinstance(exc, HttpParserInvalidURLError):
+            status, detail = 400, "invalid request target"
+        else:
+            status, detail = 400, f"invalid request: {exc}"
+        self._refuse(status, detail)
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer a request we cannot read with ``status`` after those before it, then close."""
+        ex = self.parsing
+        self.parsing = None
+        self.pause(P_BUFFER)
+        if self.lingering is None:
+            self.lingering = _NOT_READING  # read no more requests
+        if ex is not None and ex.counted:  # queued already: refused in its body
+            ex.refuse_late(status, detail)
+            return
+        if ex is None:
+            ex = Exchange(self)
+        ex.reject = (status, detail)
+        if self.current is None:
+            self.current = ex
+            self._pump()
+        elif self.backlog is None:
+            self.backlog = [ex]
+        else:
+            self.backlog.append(ex)
+
+    def _linger(self) -> None:
+        """Close after an answer while the client may still be sending: half-close, drop what
+        still comes for a moment, then close; the client reads our answer, not a reset."""
+        transport = self.transport
+        assert transport is not None
+        if self.lingering is not None and self.lingering is not _NOT_READING:
+            return
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.close()
+            return
+        self.paused = 0
+        transport.resume_reading()
+        self.lingering = asyncio.get_running_loop().call_later(LINGER, transport.close)
+
+    def __repr__(self) -> str:
+        state = ("spliced" if self.splice else "busy" if self.current else "idle")
+        return f"<ClientConnection {self.client_ip} {state}>"
+
+
+class _NotReading:
+    """Marks a connection that stopped reading requests (a refusal is on its way)."""
+
+    def cancel(self) -> None:
+        pass
+
+
+_NOT_READING: asyncio.TimerHandle = _NotReading()  # type: ignore[assignment]
