@@ -33,6 +33,13 @@ class NaiveLeastConnections(Strategy):
         yield from sorted(self.backends, key=lambda b: b.in_flight / b.weight)
 
 
+class LowestLatency(Strategy):
+    """Lowest peak EWMA first, no randomness: one lucky fast answer keeps a backend ahead."""
+
+    def candidates(self, ctx: PickContext) -> Iterator[Backend]:
+        yield from sorted(self.backends, key=lambda b: b.ewma * (b.in_flight + 1))
+
+
 class FirstUp(Strategy):
     """Always the first backend first; the next ones only when it cannot take the request."""
 
@@ -264,6 +271,13 @@ def test_sequential_load_exposes_ties_toward_the_first_backend() -> None:
     report = check(cfg)
     assert report.errors == [("pools.web: backend web1 would receive 100% of traffic when "
                              "requests arrive one at a time (max_share 50%)")]
+
+
+def test_sequential_load_exposes_a_naive_latency_aware_strategy() -> None:
+    report = check(config(backends(1, 1, 1), strategy="tests.test_guard:LowestLatency"))
+    assert len(report.errors) == 1
+    assert re.fullmatch(r"pools\.web: backend web\d would receive [\d.]+% of traffic when "
+                        r"requests arrive one at a time \(max_share 50%\)", report.errors[0])
 
 
 def test_the_simulation_overlaps_requests_and_reports_outcomes() -> None:
