@@ -372,13 +372,13 @@ async def check_rules(stack: Stack, http: aiohttp.ClientSession, timeout: float)
         print(f"  (pending or firing after the induced faults: {', '.join(firing)})")
 
 
-async def check_dashboards(stack: Stack, http: aiohttp.ClientSession) -> None:
+async def check_dashboards(stack: Stack, http: aiohttp.ClientSession, folder: Path) -> None:
     exported = set()
     for line in (await get_text(http, f"{stack.admin}/metrics")).splitlines():
         m = _METRIC.match(line)
         if m and not line.startswith("#"):
             exported.add(m.group(0))
-    for path in sorted(DASHBOARDS.glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel.get("targets", []):
                 expr = target["expr"]
@@ -433,7 +433,7 @@ async def main_async(args: argparse.Namespace) -> int:
             print("checks: Prometheus, alert rules, dashboard queries")
             await check_scrape(stack, http, step)
             await check_rules(stack, http, step)
-            await check_dashboards(stack, http)
+            await check_dashboards(stack, http, args.dashboards)
             if args.hold:
                 print("holding; Ctrl-C tears it down")
                 await asyncio.Event().wait()
@@ -465,6 +465,9 @@ def main() -> int:
                         help="after the checks, keep the stack running until Ctrl-C")
     parser.add_argument("--timeout", type=float, default=150.0,
                         help="the whole run's limit in seconds (default 150; not with --hold)")
+    parser.add_argument("--dashboards", type=Path, default=DASHBOARDS,
+                        help="the folder of Grafana dashboard JSON files whose queries to run "
+                             "(default: deploy/grafana/dashboards)")
     args = parser.parse_args()
     try:
         return asyncio.run(main_async(args))

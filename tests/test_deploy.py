@@ -8,8 +8,11 @@ The live half (a real scrape, real Prometheus queries) is tests/test_stack.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -20,6 +23,8 @@ import pytest
 import yaml
 
 from balancer.config import load_config
+from tests.support.net import free_port, name_app, run_app
+from tests.support.proc import BalancerProcess, pool_config, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -149,6 +154,26 @@ def test_healthcheck_asks_the_admin_healthz() -> None:
     env_line = next(args for word, args in final_stage() if word == "ENV")
     assert "BALANCER_HEALTH_URL=http://127.0.0.1:9100/healthz" in env_line
     assert cmd[0] == "python" and "BALANCER_HEALTH_URL" in cmd[-1]
+
+
+async def test_healthcheck_command_against_a_running_balancer(tmp_path: Path) -> None:
+    """The image's HEALTHCHECK, run as Docker would, against a real `balancer run`: healthy
+    while it serves, unhealthy once it has drained and exited on SIGTERM (the STOPSIGNAL)."""
+    admin = free_port()
+    env = {**os.environ, "BALANCER_HEALTH_URL": f"http://127.0.0.1:{admin}/healthz"}
+
+    def healthcheck() -> int:
+        return run(*healthcheck_command(), env=env, timeout=10).returncode
+
+    async with run_app(name_app("one")) as one, run_app(name_app("two")) as two:
+        config = write_config(tmp_path / "balancer.yaml", {
+            "listen": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{admin}",
+            "drain_timeout": "2s", "pools": {"web": pool_config([one, two])}})
+        async with BalancerProcess(config) as balancer:
+            assert await asyncio.to_thread(healthcheck) == 0, balancer.log
+            balancer.send(signal.SIGTERM)
+            assert await balancer.wait_exit() == 0, balancer.log
+            assert await asyncio.to_thread(healthcheck) != 0
 
 
 # --------------------------------------------------------------------------- compose
