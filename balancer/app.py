@@ -150,7 +150,7 @@ class App:
         except OSError as exc:
             await self._stop_services()
             self.server.close()
-            raise StartError(f"{type(service).__name__}: {_reason(exc)}") from None
+            raise StartError(f"cannot start {type(service).__name__}: {exc}") from None
         self.started_at = time.time()
         log.info("balancer %s listening on %s (admin %s); %s", __version__,
                  self.address, self.config.admin, describe_pools(self.config))
@@ -188,7 +188,7 @@ class App:
             self.report = report
             self.reloads["applied"] += 1
             log.info("reload applied from %s: %s", self.config_path, describe_pools(config))
-            _log_lines(logging.INFO, diff)
+            _log_lines(logging.INFO, diff, "shares before → after:")
             for warning in report.warnings:
                 log.warning("%s", warning)
             if config.listen != old.listen:
@@ -208,7 +208,7 @@ class App:
         log.error("reload refused, still serving the previous config: %d problem(s) in %s",
                   len(problems), self.config_path)
         _log_lines(logging.ERROR, "\n".join(problems))
-        _log_lines(logging.ERROR, diff)
+        _log_lines(logging.INFO, diff, "shares now → in the refused config:")
         return ReloadResult(False, list(problems), diff)
 
     def _apply(self, config: Config) -> list[Backend]:
@@ -391,10 +391,13 @@ def _describe_backend(b: BackendConfig) -> str:
     return text + (" backup" if b.backup else "")
 
 
-def _log_lines(level: int, text: str) -> None:
-    for line in text.splitlines():
-        if line.strip():
-            log.log(level, "  %s", line)
+def _log_lines(level: int, text: str, heading: str = "") -> None:
+    """Log ``text`` a line at a time (under ``heading``): every line readable on its own."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and heading:
+        log.log(level, "  %s", heading)
+    for line in lines:
+        log.log(level, "  %s", line)
 
 
 def _reason(exc: OSError) -> str:
@@ -420,8 +423,12 @@ def main_run(config_path: str) -> int:
     try:
         app = App(config_path)
     except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
+        # The lines `balancer check` prints, so an operator sees one wording everywhere.
+        warnings = exc.report.warnings if isinstance(exc, Refused) else []
+        for prefix, problem in [("", p) for p in exc.problems] + [("warning: ", w)
+                                                                  for w in warnings]:
+            where = "" if problem.startswith(config_path) else f"{config_path}: "
+            print(f"{prefix}{where}{problem}", file=sys.stderr)
         return 1
     try:
         _run(app.serve_forever())
