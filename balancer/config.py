@@ -92,6 +92,11 @@ class BackendConfig:
     weight: int = 1
     backup: bool = False
     max_connections: int | None = None
+    #: ``"dns"``: ``host`` is a name whose every address is a backend (balancer/discovery.py).
+    discovery: str | None = None
+    resolve_interval: float = 5.0
+    #: For a backend found by discovery: the entry it was found from (as written in the file).
+    discovered_from: BackendConfig | None = None
 
     @property
     def active(self) -> bool:
@@ -143,6 +148,8 @@ class Config:
     source: str = ""
     #: When set, mutating admin endpoints need ``Authorization: Bearer <token>``.
     admin_token: str | None = None
+    #: Nameservers for ``discovery: dns`` backends; empty = the system's (/etc/resolv.conf).
+    resolver: tuple[Address, ...] = ()
 
 
 # --------------------------------------------------------------------------- small parsers
@@ -314,13 +321,15 @@ def _positive_duration(v: Any) -> float:
     return d
 
 
-_TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout", "admin_token"}
+_TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout", "admin_token",
+             "resolver"}
 _GUARD_KEYS = {"max_share", "min_backends", "max_share_after_failure", "live_margin",
                "live_window", "live_min_requests"}
 _POOL_KEYS = {"strategy", "backends", "max_connections", "queue_timeout", "health_check",
               "outlier_detection", "panic_threshold", "timeouts", "retries",
               "allow_concentration"}
-_BACKEND_KEYS = {"url", "name", "weight", "backup", "max_connections"}
+_BACKEND_KEYS = {"url", "name", "weight", "backup", "max_connections", "discovery",
+                 "resolve_interval"}
 _HEALTH_KEYS = {"path", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
                 "expect_status"}
 _OUTLIER_KEYS = {"consecutive_failures", "base_ejection", "max_ejection", "max_ejected_fraction"}
@@ -366,13 +375,55 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
                   Address("127.0.0.1", 9100))
     drain = r.get(top, "drain_timeout", "", parse_duration, 30.0)
     admin_token = r.get(top, "admin_token", "", _text, None)
+    resolver = _resolver(r, top.get("resolver"))
     guard = _guard(r, top.get("guard"))
     pools = _pools(r, top.get("pools"))
     routes = _routes(r, top.get("routes"), pools)
     if r.problems:
         raise ConfigError(r.problems, source)
     return Config(pools=MappingProxyType(pools), routes=routes, listen=listen, admin=admin,
-                  guard=guard, drain_timeout=drain, source=source, admin_token=admin_token)
+                  guard=guard, drain_timeout=drain, source=source, admin_token=admin_token,
+                  resolver=resolver)
+
+
+def _resolver(r: _Reader, raw: Any) -> tuple[Address, ...]:
+    """``resolver: ["10.0.0.2:53", "[fd00::53]:53"]``: nameservers by IP (port 53 if omitted)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        r.problem("resolver", f"must be a non-empty list of \"ip:port\" nameservers, got "
+                              f"{_kind(raw)}")
+        return ()
+    out = []
+    for i, item in enumerate(raw):
+        try:
+            out.append(_nameserver(item))
+        except ValueError as exc:
+            r.problem(f"resolver[{i}]", str(exc))
+    return tuple(out)
+
+
+def _nameserver(v: Any) -> Address:
+    bare = v.strip().strip("[]") if isinstance(v, str) else ""
+    if _is_ip(bare):
+        return Address(bare, 53)
+    try:
+        addr = parse_address(v)
+    except ValueError:
+        addr = None
+    if addr is None or not _is_ip(addr.host):
+        raise ValueError(f"must be a nameserver's IP address, optionally with a port, like "
+                         f"10.0.0.2 or 10.0.0.2:53 (a name would need a resolver itself), "
+                         f"got {v!r}")
+    return addr
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _guard(r: _Reader, raw: Any) -> GuardConfig:
@@ -487,7 +538,16 @@ def _backends(r: _Reader, raw: Any, path: str) -> tuple[BackendConfig, ...]:
         except ValueError as exc:
             r.problem(f"{bpath}.url", str(exc))
             continue
-        name = r.get(b, "name", bpath, _text, default_backend_name(host, port))
+        discovery = r.get(b, "discovery", bpath, _discovery, None)
+        interval = r.get(b, "resolve_interval", bpath, _positive_duration, 5.0)
+        if discovery is None and "resolve_interval" in b:
+            r.problem(f"{bpath}.resolve_interval", "only applies with discovery: dns")
+        if discovery is not None and _is_ip(host):
+            r.problem(f"{bpath}.url", f"discovery: dns needs a host name to resolve, got the "
+                                      f"address {host!r}")
+        # A discovered entry names the backends it finds ``<name>@<address>:<port>``.
+        name = r.get(b, "name", bpath, _text,
+                     host if discovery else default_backend_name(host, port))
         if name in names:
             r.problem(f"{bpath}.name", f"{name!r} is already the name of {path}[{names[name]}]")
         names[name] = i
@@ -495,8 +555,15 @@ def _backends(r: _Reader, raw: Any, path: str) -> tuple[BackendConfig, ...]:
             url=f"{scheme}://{default_backend_name(host, port)}",
             name=name, scheme=scheme, host=host, port=port,
             weight=weight, backup=backup, max_connections=max_conn,
+            discovery=discovery, resolve_interval=interval,
         ))
     return tuple(out)
+
+
+def _discovery(v: Any) -> str:
+    if v != "dns":
+        raise ValueError(f"must be \"dns\" (the only kind of discovery), got {v!r}")
+    return "dns"
 
 
 def _health(r: _Reader, raw: Any, path: str) -> HealthCheckConfig | None:
