@@ -129,7 +129,13 @@ class App:
 
     def _build_services(self) -> list[Service]:
         """The services that run beside the proxy, in start order (stopped in reverse)."""
-        return []
+        from balancer.admin import AdminServer
+        from balancer.health import HealthChecker
+        from balancer.monitor import Monitor, MonitorService
+
+        self.monitor = Monitor()  # live traffic shares; read by /metrics, /status, dashboard
+        self.admin = AdminServer(self.monitor)  # .address: where it really listens
+        return [HealthChecker(), MonitorService(self.monitor), self.admin]
 
     # --- start ---------------------------------------------------------------------------
 

@@ -133,25 +133,31 @@ class Pool:
                     if not b.full:
                         return b
                     overloaded = True
+        # Counted here, where the verdict is final, so that the proxy needs no bookkeeping of
+        # its own: no backend at all, or all full with no queue to wait in. (A full pool with a
+        # queue is counted by acquire() once the wait fails; a retry, with ``exclude``, is
+        # answered with the first attempt's error and is not a rejection.)
+        if not exclude and (not overloaded or self.config.queue_timeout <= 0):
+            reason = "overload" if overloaded else "no_backend"
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
         raise NoBackend(self.name, "overload" if overloaded else "no_backend")
 
     async def acquire(self, ctx: PickContext, exclude: Collection[Backend] = ()) -> Backend:
         """pick() + begin(), waiting up to ``queue_timeout`` for a slot when all are full.
 
-        A request turned away is counted in ``rejected`` by reason; a retry (``exclude`` not
-        empty) is not, because the proxy answers it with the first attempt's error.
+        A request turned away is counted in ``rejected`` by reason (see pick()).
         """
         try:
-            try:
-                b = self.pick(ctx, exclude)
-            except NoBackend as exc:
-                if exc.reason != "overload" or self.config.queue_timeout <= 0:
-                    raise
-                return await self._wait_for_slot(ctx, exclude)
+            b = self.pick(ctx, exclude)
         except NoBackend as exc:
-            if not exclude:
-                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-            raise
+            if exc.reason != "overload" or self.config.queue_timeout <= 0:
+                raise
+            try:
+                return await self._wait_for_slot(ctx, exclude)
+            except NoBackend as exc:
+                if exc.reason == "overload" and not exclude:
+                    self.rejected["overload"] = self.rejected.get("overload", 0) + 1
+                raise
         self.begin(b)
         return b
 
