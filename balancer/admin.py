@@ -190,7 +190,8 @@ class AdminServer:
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         host, port = sock.getsockname()[:2]
         self.address = Address(host, port)
-        log.info("admin listening on http://%s/ (dashboard; /metrics, /status, /reload)",
+        # Worded without "listening on": that phrase is the proxy's own start line.
+        log.info("admin: dashboard at http://%s/ (also /metrics, /status, /reload)",
                  self.address)
 
     def on_reload(self, app: Any) -> None:
