@@ -100,6 +100,8 @@ def _judge_pool(config: Config, pool: PoolConfig, routes: Sequence[RouteConfig],
     traffic = synthetic_traffic(pool, routes)
     shares, sequential = _worst_pass(pool, traffic)
     report.shares[pool.name] = shares
+    if not any(shares.values()) and any(b.weight for b in pool.backends):
+        raise RuntimeError("it chose no backend for any request")
     refusals = _min_backends(pool, servers, shares, g.min_backends)
     refusals += _duplicates(pool, servers, shares)
     refusals += _fixed_hash_key(pool, routes, shares)

@@ -55,6 +55,11 @@ class SeededRandom(Strategy):
         yield from self.backends
 
 
+class Nothing(Strategy):
+    def candidates(self, ctx: PickContext) -> Iterator[Backend]:
+        return iter(())
+
+
 class Broken(Strategy):
     def candidates(self, ctx: PickContext) -> Iterator[Backend]:
         raise RuntimeError("boom")
@@ -144,6 +149,12 @@ def test_all_backups_means_no_active_backend() -> None:
             "guard.min_backends is 2") in report.errors
     # Backups still serve when there is no primary; the simulation shows where it goes.
     assert report.shares["web"] == {"web1": 0.5, "web2": 0.5}
+
+
+def test_all_weights_zero_is_no_active_backend() -> None:
+    assert check(config(backends(0, 0))).errors == [
+        ("pools.web: no active backend (every backend is a backup or has weight 0); "
+        "guard.min_backends is 2")]
 
 
 def test_min_backends_is_configurable() -> None:
@@ -319,6 +330,12 @@ def test_a_strategy_that_raises_is_refused_with_the_exception() -> None:
     report = check(config(backends(1, 1), strategy="tests.test_guard:Broken"))
     assert report.errors == [("pools.web: strategy 'tests.test_guard:Broken' failed on simulated "
                              "traffic: RuntimeError: boom")]
+
+
+def test_a_strategy_that_never_chooses_is_refused() -> None:
+    report = check(config(backends(1, 1), strategy="tests.test_guard:Nothing"))
+    assert report.errors == [("pools.web: strategy 'tests.test_guard:Nothing' failed on simulated "
+                             "traffic: RuntimeError: it chose no backend for any request")]
 
 
 def test_synthetic_traffic_varies_what_strategies_key_on() -> None:
