@@ -117,7 +117,7 @@ class App:
         # Lifecycle
         self.reloads = {"applied": 0, "refused": 0}
         self.started_at = time.time()
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.services: list[Service] = self._build_services()
         self._started: list[Service] = []
         self._reload_lock = asyncio.Lock()

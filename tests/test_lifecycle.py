@@ -12,7 +12,7 @@ import signal
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import pytest
@@ -59,7 +59,7 @@ class Traffic:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def __aenter__(self) -> Traffic:
+    async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT))
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
         return self
@@ -78,7 +78,7 @@ class Traffic:
                         self.failures.append(f"{r.status} {body[:200]}")
                     else:
                         self.seen[body] += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 self.failures.append(repr(exc))
             self.total += 1
 
@@ -92,7 +92,7 @@ class Traffic:
 
 
 class SlowBackend:
-    """``/slow`` answers after ``delay`` seconds; ``/hang`` only when released (or 30 s)."""
+    """``/slow`` answers after ``delay`` seconds; ``/hang`` when the test releases it (or 30 s)."""
 
     def __init__(self, delay: float = 1.0) -> None:
         self.delay = delay
@@ -109,9 +109,9 @@ class SlowBackend:
             self.started.set()
             try:
                 await asyncio.wait_for(self.release.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
-            return web.Response(text="late")
+            return web.Response(text="released")
 
         app = web.Application()
         app.router.add_get("/slow", slow)
@@ -122,11 +122,10 @@ class SlowBackend:
 async def _slow_setup(stack: AsyncExitStack, tmp_path: Path, **top: Any
                       ) -> tuple[SlowBackend, BalancerProcess, int]:
     slow = SlowBackend()
-    stack.callback(slow.release.set)  # runs before the backends stop: no handler left hanging
     ports = [free_port(), free_port()]
     for p in ports:
         await stack.enter_async_context(run_app(slow.app(), port=p))
-    stack.callback(slow.release.set)
+    stack.callback(slow.release.set)  # runs before the backends stop: no handler left hanging
     listen = free_port()
     cfg = write_config(tmp_path / "slow.yaml", _config(listen, ports, **top))
     proc = await stack.enter_async_context(BalancerProcess(cfg))
@@ -135,7 +134,7 @@ async def _slow_setup(stack: AsyncExitStack, tmp_path: Path, **top: Any
 
 async def _connect_refused(port: int) -> bool:
     """Whether a new TCP connection to ``port`` is refused (retrying briefly)."""
-    for _ in range(50):
+    for _ in range(25):
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except ConnectionRefusedError:
@@ -274,20 +273,35 @@ async def test_sigterm_finishes_in_flight_request_refuses_new_ones_and_exits_0(
         session = await stack.enter_async_context(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
 
-        async def fetch() -> tuple[int, str]:
-            async with session.get(f"http://127.0.0.1:{listen}/slow") as r:
+        async def fetch(path: str) -> tuple[int, str]:
+            async with session.get(f"http://127.0.0.1:{listen}{path}") as r:
                 return r.status, await r.text()
 
-        request = asyncio.create_task(fetch())
+        # A request the backend answers only when the test says so: no race with the clock.
+        request = asyncio.create_task(fetch("/hang"))
         await asyncio.wait_for(slow.started.wait(), WAIT)
         mark = proc.mark()
         proc.send(signal.SIGTERM)
         await proc.wait_for("draining", since=mark)
         assert await _connect_refused(listen)
-        assert proc.returncode is None  # still serving the slow request
-        assert await asyncio.wait_for(request, WAIT) == (200, "slow done")
+        assert proc.returncode is None and not request.done()  # refused while draining
+        slow.release.set()
+        assert await asyncio.wait_for(request, WAIT) == (200, "released")
         assert await proc.wait_exit() == 0
         assert "drain timeout" not in proc.log
+
+
+async def test_sigterm_lets_a_slow_request_finish(tmp_path: Path) -> None:
+    async with AsyncExitStack() as stack:
+        slow, proc, listen = await _slow_setup(stack, tmp_path)
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+        request = asyncio.create_task(session.get(f"http://127.0.0.1:{listen}/slow"))
+        await asyncio.wait_for(slow.started.wait(), WAIT)
+        proc.send(signal.SIGTERM)  # the backend is 1 s into answering
+        response = await asyncio.wait_for(request, WAIT)
+        assert response.status == 200 and await response.text() == "slow done"
+        assert await proc.wait_exit() == 0
 
 
 async def test_drain_timeout_bounds_a_request_that_never_finishes(tmp_path: Path) -> None:

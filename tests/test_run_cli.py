@@ -70,6 +70,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path / "ok.yaml", {
         "listen": f"127.0.0.1:{port}",
+        "admin": f"127.0.0.1:{free_port()}",
         "pools": {"web": pool_config([free_port(), free_port()])},
     })
     with _listening_socket(port):
@@ -81,10 +82,27 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in run.stderr
 
 
+def test_admin_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    admin = free_port()
+    cfg = write_config(tmp_path / "ok.yaml", {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin": f"127.0.0.1:{admin}",
+        "pools": {"web": pool_config([free_port(), free_port()])},
+    })
+    with _listening_socket(admin):
+        run = run_cli("run", "-c", str(cfg))
+    assert run.returncode == 1
+    errors = [line for line in run.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, run.stderr
+    assert f"{admin}" in errors[0] and "address already in use" in errors[0]
+    assert "Traceback" not in run.stderr
+
+
 def test_address_not_on_this_host_is_a_clear_error(tmp_path: Path) -> None:
     # 192.0.2.1 is TEST-NET-1: no interface here has it, so bind() fails (no packet is sent).
     cfg = write_config(tmp_path / "ok.yaml", {
         "listen": f"192.0.2.1:{free_port()}",
+        "admin": f"127.0.0.1:{free_port()}",
         "pools": {"web": pool_config([free_port(), free_port()])},
     })
     run = run_cli("run", "-c", str(cfg))
@@ -103,7 +121,7 @@ async def test_start_line_names_pools_backends_and_admin(tmp_path: Path) -> None
         "routes": [{"path_prefix": "/api", "pool": "api"}, {"pool": "web"}],
     })
     async with BalancerProcess(cfg) as proc:
-        line = await proc.wait_for("listening on")
+        line = await proc.wait_for(r"balancer\.app: .* listening on")
         assert f"127.0.0.1:{port}" in line and f"127.0.0.1:{admin}" in line
         assert "pool web (round_robin)" in line and "pool api (least_connections)" in line
         for p in web + api:

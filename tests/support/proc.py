@@ -17,14 +17,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
 #: Every wait in these helpers gives up after this long unless told otherwise (seconds).
 WAIT = 15.0
 
-READY = re.compile(r"listening on (\S+)")
+#: The start line of balancer.app (other parts, like the admin server, log their own).
+READY = re.compile(r"balancer\.app: balancer \S+ listening on (\S+)")
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
@@ -43,7 +44,7 @@ def pool_config(ports: list[int], **pool: Any) -> dict[str, Any]:
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m balancer ARGS`` to completion (for commands that exit by themselves)."""
-    return subprocess.run([sys.executable, "-m", "balancer", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "balancer", *args], capture_output=True, check=False,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=_env())
 
 
@@ -66,7 +67,7 @@ class BalancerProcess:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def start(self) -> BalancerProcess:
+    def start(self) -> Self:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "balancer", "run", "-c", str(self.config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -93,13 +94,13 @@ class BalancerProcess:
             if self._reader is not None:
                 self._reader.join(timeout=WAIT)
 
-    def __enter__(self) -> BalancerProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
-    async def __aenter__(self) -> BalancerProcess:
+    async def __aenter__(self) -> Self:
         self.start()
         try:
             await self.wait_ready()
