@@ -38,9 +38,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import yaml
@@ -118,7 +120,7 @@ async def until(what: str, probe: Callable[[], Awaitable[Any]], timeout: float,
             result = await probe()
             if result:
                 return result
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             last = exc
         await asyncio.sleep(every)
     raise StackError(f"{what}: not within {timeout:.0f}s" + (f" (last error: {last})" if last else ""))
@@ -225,7 +227,7 @@ async def bring_up(stack: Stack, http: aiohttp.ClientSession, timeout: float) ->
         start_web(stack, name)
     for name, port in stack.web_ports.items():
         await until(f"{name} answering on :{port}",
-                    lambda p=port: healthz(http, f"http://127.0.0.1:{p}/healthz"), timeout)
+                    partial(healthz, http, f"http://127.0.0.1:{port}/healthz"), timeout)
 
     for source, target in ((STACK_CONFIG, "balancer.yaml"), (BROKEN_CONFIG, "concentrated.yaml")):
         (stack.tmp / target).write_text(yaml.safe_dump(local_config(source, stack),
@@ -264,7 +266,7 @@ async def requests(http: aiohttp.ClientSession, url: str, n: int, concurrency: i
                 async with http.get(url) as resp:
                     await resp.read()
                     status = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 status = 0
             statuses[status] = statuses.get(status, 0) + 1
 
@@ -435,7 +437,12 @@ async def main_async(args: argparse.Namespace) -> int:
             await check_rules(stack, http, step)
             await check_dashboards(stack, http, args.dashboards)
             if args.hold:
-                print("holding; Ctrl-C tears it down")
+                print(f"holding; Ctrl-C tears it down. Try:\n"
+                      f"  curl {stack.proxy}/\n"
+                      f"  open {stack.admin}/ (live dashboard) and {stack.prometheus}/alerts\n"
+                      f"  LIVE_CONFIG={stack.tmp / 'balancer.yaml'} "
+                      f"BROKEN_CONFIG={stack.tmp / 'concentrated.yaml'} PROXY_URL={stack.proxy} "
+                      f"ADMIN_URL={stack.admin} bash {DEMO_BREAK.relative_to(ROOT)}", flush=True)
                 await asyncio.Event().wait()
     except StackError as exc:
         error = str(exc)

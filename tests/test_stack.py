@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "balancer.json"
-
-pytestmark = pytest.mark.slow  # ~40 s on 2 cores; still in the default run
-
 
 def alive(pid: int) -> bool:
     try:
@@ -47,10 +45,12 @@ def test_local_stack_is_wired_and_tears_down(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "deploy" / "local-stack.py"), "--timeout", "150",
          "--dashboards", str(dashboards)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+        cwd=ROOT, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+        check=False)
     out = result.stdout + result.stderr
     summary = json.loads(out.split("\nSTACK ", 1)[1].splitlines()[0])
 
+    # About 20 s on 2 cores, most of it waiting on health checks and Prometheus' scrapes.
     # Exactly the planted mistake fails; every real check passes.
     assert summary["failed"] == [f"misspelt.json: {bad['panels'][0]['title']} [A]"], out
     assert result.returncode == 1
@@ -60,7 +60,7 @@ def test_local_stack_is_wired_and_tears_down(tmp_path: Path) -> None:
     for line in ("Prometheus scrapes balancer", "alert rules loaded from alerts.yml, all healthy",
                  "demo-break: concentrated config refused (409)", "demo-break put the config file back",
                  "balancer drained and exited 0 on SIGTERM"):
-        assert f"ok   {line}" in out, out
+        assert re.search(rf"^  ok   .*{re.escape(line)}", out, re.MULTILINE), out
 
     # Torn down: no process left, no temporary directory.
     assert len(summary["pids"]) == 5
