@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,36 @@ def test_build_context_holds_every_copied_path() -> None:
         assert source.rstrip("/") in allowed, f"COPY {source}: excluded by .dockerignore"
     # The package data the app reads at run time is inside the copied package.
     assert (ROOT / "balancer" / "demo_backends.py").exists(), "compose's web service runs it"
+
+
+def test_build_stage_wheel_holds_what_the_image_runs(tmp_path: Path) -> None:
+    """The build stage's `pip wheel .`, on a context holding only what the Dockerfile copies:
+    the wheel the final image installs has the CLI entry point, the admin dashboard's assets
+    and the demo backend the compose stack runs."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for word, args in dockerfile_instructions():
+        if word == "COPY" and "--from" not in args:
+            *sources, _ = args.split()
+            for source in sources:
+                src = ROOT / source
+                if src.is_dir():
+                    shutil.copytree(src, context / source,
+                                    ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(src, context / source)
+    result = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                 str(tmp_path / "wheels"), ".", cwd=context, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "wheels").glob("balancer-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        entry_points = next(zf.read(n).decode() for n in names
+                            if n.endswith(".dist-info/entry_points.txt"))
+    assert "balancer = balancer.cli:main" in entry_points, "ENTRYPOINT runs `balancer`"
+    packaged = {p.relative_to(ROOT).as_posix() for p in (ROOT / "balancer").rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    assert packaged <= names, f"not in the image: {sorted(packaged - names)}"
 
 
 def healthcheck_command() -> list[str]:
