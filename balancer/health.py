@@ -19,7 +19,8 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiohttp
 
@@ -52,7 +53,7 @@ def failure_reason(exc: BaseException) -> str:
 class _Probe:
     """One backend's probing task and its streaks (survives reloads with the Backend)."""
 
-    __slots__ = ("backend", "pool", "task", "successes", "failures", "last_reason")
+    __slots__ = ("backend", "failures", "last_reason", "pool", "successes", "task")
 
     def __init__(self, backend: Backend, pool: Pool) -> None:
         self.backend = backend
@@ -142,12 +143,12 @@ class HealthChecker:
                 b.health_reason = ""
                 probe.pool.state_changed()
         for b, pool in wanted.items():
-            probe = self._probes.get(b)
-            if probe is None:
-                probe = self._probes[b] = _Probe(b, pool)
-                probe.task = asyncio.create_task(self._loop(probe),
+            known = self._probes.get(b)
+            if known is None:
+                known = self._probes[b] = _Probe(b, pool)
+                known.task = asyncio.create_task(self._loop(known),
                                                  name=f"health {pool.name}/{b.name}")
-            probe.pool = pool
+            known.pool = pool
 
     # --- probing -------------------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class HealthChecker:
                 status = resp.status
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # every failure is a verdict, not a crash
+        except Exception as exc:  # noqa: BLE001 - every failure is a verdict, not a crash
             return False, failure_reason(exc)
         lo, hi = hc.expect_status
         if lo <= status <= hi:

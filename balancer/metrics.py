@@ -16,7 +16,8 @@ reloads for a server that stays, so they never restart on a reload.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -139,7 +140,8 @@ class BalancerCollector(Collector):
         concentrated = GaugeMetricFamily(
             "balancer_pool_concentrated",
             "1 while one backend takes more than max_share + live_margin of the pool's live "
-            "traffic.", labels=["pool"])
+            "traffic, or while DNS discovery keeps the pool's last good set because the guard "
+            "refused the new one.", labels=["pool"])
         panic = GaugeMetricFamily(
             "balancer_pool_panic",
             "1 while too few backends are healthy (panic_threshold) and traffic is spread over "
@@ -155,7 +157,8 @@ class BalancerCollector(Collector):
             for reason, n in sorted(pool.rejected.items()):
                 rejected.add_metric([pool.name, reason], n)
             conc = self.monitor.concentration(pool.name) if self.monitor is not None else None
-            concentrated.add_metric([pool.name], 1 if conc is not None else 0)
+            refused = getattr(pool, "discovery_refused", None)
+            concentrated.add_metric([pool.name], 1 if conc is not None or refused else 0)
             panic.add_metric([pool.name], 1 if pool.panic else 0)
             waiting.add_metric([pool.name], pool.waiting)
             if self.monitor is not None:

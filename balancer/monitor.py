@@ -35,8 +35,9 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any
 
 from balancer.backend import Backend
 from balancer.config import GuardConfig
@@ -74,7 +75,7 @@ def wilson_lower(share: float, n: int, z: float = Z) -> float:
 class _PoolWindow:
     """Per-second request deltas of one pool's backends, and their running sums."""
 
-    __slots__ = ("samples", "sums", "last", "names", "concentration")
+    __slots__ = ("concentration", "last", "names", "samples", "sums")
 
     def __init__(self) -> None:
         self.samples: deque[tuple[float, dict[Hashable, int]]] = deque()

@@ -27,7 +27,7 @@ needs_promtool = pytest.mark.skipif(promtool is None, reason="promtool not insta
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     assert promtool is not None
     return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120,
-                          cwd=CONFIG)
+                          cwd=CONFIG, check=False)
 
 
 @needs_promtool

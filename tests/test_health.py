@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -16,6 +18,14 @@ from balancer.config import parse_config
 from balancer.health import HealthChecker
 from balancer.pool import Pool
 from tests.support.net import free_port, run_app
+from tests.test_admin import (
+    LiveBackend,
+    Running,
+    balancer_config,
+    running,
+    two_backend_pool,
+)
+from tests.test_lifecycle import Traffic
 from tests.test_monitor import Clock
 
 INTERVAL = 0.2
@@ -161,7 +171,7 @@ async def test_expect_status_is_honoured(backends: list[tuple[Switchable, int]])
 async def test_panic_is_entered_when_health_checks_take_too_many_down(
         backends: list[tuple[Switchable, int]], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "balancer.pool")
-    (s0, p0), (s1, p1) = backends
+    (_, p0), (s1, p1) = backends
     pools = pools_for({"web": {"backends": [f"http://127.0.0.1:{p0}", f"http://127.0.0.1:{p1}"],
                                "health_check": hc(), "panic_threshold": 0.6}})
     checker = HealthChecker()
@@ -282,3 +292,79 @@ def test_never_more_than_the_configured_fraction_is_ejected() -> None:
     third = next(b for b in pool.backends if b.ejected_until == 0)
     fail(pool, third, 3, "reset")
     assert third.state(clock.now) == "ejected"
+
+
+# --------------------------------------------------------------------------- through the proxy
+
+
+async def test_through_the_proxy_a_failing_backend_leaves_rotation_and_returns(
+        tmp_path: Path) -> None:
+    a, b = LiveBackend("a"), LiveBackend("b")
+    data = balancer_config(two_backend_pool(a, b, health_check=hc(timeout=0.25)))
+    async with running(tmp_path, [a, b], data) as run, Traffic(run.port) as clients:
+        assert set(await clients.sample(20)) == {"a", "b"}
+        a.health = 500
+        start = time.monotonic()
+        await run.until(lambda: _state(run, "a", "down"), "a marked down")
+        assert time.monotonic() - start <= INTERVAL * (UNHEALTHY + 1) + SLACK + 0.3  # + polling
+        assert set(await clients.sample(30)) == {"b"}, "a down takes no traffic"
+        assert (await run.backend_status("web", "a"))["health_reason"] == "status 500"
+        m = await run.metrics()
+        assert m[("balancer_backend_up", (("backend", "a"), ("pool", "web")))] == 0
+        a.health = 200
+        await run.until(lambda: _state(run, "a", "up"), "a back up")
+        assert set(await clients.sample(20)) == {"a", "b"}
+        assert clients.failures == []
+    assert "backend a is DOWN" in run.proc.log and "backend a is UP again" in run.proc.log
+
+
+async def _state(run: Running, name: str, state: str) -> bool:
+    return (await run.backend_status("web", name))["state"] == state
+
+
+async def test_refusing_backend_under_live_traffic_is_ejected_without_client_errors(
+        tmp_path: Path) -> None:
+    backends = [LiveBackend("a"), LiveBackend("b"), LiveBackend("c")]
+    data = balancer_config({"web": {
+        "backends": [x.entry() for x in backends],
+        "outlier_detection": {"consecutive_failures": 3, "base_ejection": "30s"}}})
+    async with running(tmp_path, backends, data) as run, Traffic(run.port, workers=6) as clients:
+        assert set(await clients.sample(30)) == {"a", "b", "c"}
+        await backends[2].stop()  # c now refuses connections (and dropped its keep-alives)
+        await run.until(lambda: _state(run, "c", "ejected"), "c ejected")
+        assert set(await clients.sample(40)) == {"a", "b"}
+        # Idempotent requests were retried on another backend: no client saw an error.
+        assert clients.failures == []
+        c = await run.backend_status("web", "c")
+        assert c["ejections"] == 1 and c["errors"] >= 3
+        m = await run.metrics()
+        errs = sum(v for (name, lv), v in m.items() if name == "balancer_upstream_errors_total"
+                   and ("backend", "c") in lv)
+        assert errs >= 3
+    assert "backend c ejected" in run.proc.log
+
+
+async def test_panic_spreads_over_all_three_when_two_are_down(tmp_path: Path) -> None:
+    backends = [LiveBackend("a"), LiveBackend("b"), LiveBackend("c")]
+    data = balancer_config({"web": {"backends": [x.entry() for x in backends],
+                                    "health_check": hc(), "panic_threshold": 0.5}})
+    async with running(tmp_path, backends, data) as run, Traffic(run.port) as clients:
+        # One of three down: 2/3 healthy is above the threshold, the down one gets nothing.
+        backends[0].health = 500
+        await run.until(lambda: _state(run, "a", "down"), "a down")
+        assert set(await clients.sample(30)) == {"b", "c"}
+        # Two of three down: below 50 %, so rather than crush c, spread over all three.
+        backends[1].health = 500
+        await run.until(lambda: _state(run, "b", "down"), "b down")
+        seen = await clients.sample(90)
+        assert set(seen) == {"a", "b", "c"} and min(seen.values()) >= 15, seen
+        m = await run.metrics()
+        assert m[("balancer_pool_panic", (("pool", "web"),))] == 1
+        assert (await run.status())["pools"]["web"]["panic"] is True
+        backends[0].health = backends[1].health = 200
+        await run.until(lambda: _state(run, "a", "up"), "a up")
+        await run.until(lambda: _state(run, "b", "up"), "b up")
+        m = await run.metrics()
+        assert m[("balancer_pool_panic", (("pool", "web"),))] == 0
+        assert clients.failures == []
+    assert "panic: only 1 of 3 backends healthy" in run.proc.log

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,6 +16,7 @@ from balancer.metrics import build_registry, render
 from balancer.monitor import Monitor
 from balancer.pool import NoBackend, Pool
 from balancer.strategies import PickContext
+from tests.test_admin import LiveBackend, balancer_config, running
 from tests.test_monitor import Clock
 
 CONTRACT = [
@@ -147,3 +150,39 @@ def test_counters_survive_a_reload_that_keeps_the_backend() -> None:
     assert m[("balancer_requests_total", lbl(pool="web", backend="b0", code="2xx"))] == 7
     assert m[("balancer_backend_weight", lbl(pool="web", backend="b0"))] == 3
     assert not any(dict(k[1]).get("backend") == "b2" for k in m)
+
+
+# --------------------------------------------------------------------------- through the proxy
+
+
+async def test_after_n_requests_the_counters_add_up_to_n_per_backend(tmp_path: Path) -> None:
+    backends = [LiveBackend("a"), LiveBackend("b"), LiveBackend("c")]
+    data = balancer_config({"web": {"backends": [x.entry() for x in backends],
+                                    "strategy": "random"}})
+    paths = ["/"] * 6 + ["/code/404", "/code/301", "/code/500"]
+    n = 450
+    async with running(tmp_path, backends, data) as run:
+        sem = asyncio.Semaphore(8)
+
+        async def one(i: int) -> int:
+            async with sem:
+                return (await run.get(paths[i % len(paths)]))[0]
+
+        statuses = await asyncio.gather(*(one(i) for i in range(n)))
+        m = await run.metrics()
+    assert len(statuses) == n
+    total = 0
+    for x in backends:
+        served = sum(x.served.values())
+        counted = {code: m[("balancer_requests_total", lbl(pool="web", backend=x.name,
+                                                           code=code))]
+                   for code in ("1xx", "2xx", "3xx", "4xx", "5xx")}
+        assert sum(counted.values()) == served, (x.name, counted, x.served)
+        assert counted["2xx"] == x.served[200] and counted["4xx"] == x.served[404]
+        assert counted["3xx"] == x.served[301] and counted["5xx"] == x.served[500]
+        hist = m[("balancer_request_duration_seconds_count", lbl(pool="web", backend=x.name))]
+        assert hist == served
+        assert m[("balancer_backend_in_flight", lbl(pool="web", backend=x.name))] == 0
+        total += served
+    assert total == n
+    assert sum(v for (name, _), v in m.items() if name == "balancer_requests_total") == n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,14 @@ from balancer.backend import Backend
 from balancer.config import GuardConfig, parse_config
 from balancer.monitor import Monitor, wilson_lower
 from balancer.pool import Pool
+from tests.test_admin import (
+    LiveBackend,
+    Running,
+    balancer_config,
+    running,
+    two_backend_pool,
+)
+from tests.test_lifecycle import Traffic
 
 GUARD = GuardConfig(max_share=0.5, live_margin=0.05, live_window=10.0, live_min_requests=100)
 
@@ -151,3 +160,50 @@ def test_wilson_lower_bound() -> None:
     assert wilson_lower(1.0, 20) == pytest.approx(20 / 29)
     assert 0.45 < wilson_lower(0.5, 10_000) < 0.5
     assert wilson_lower(0.6, 100) < 0.5 < wilson_lower(0.6, 1000)
+
+
+# --------------------------------------------------------------------------- through the proxy
+
+
+async def test_live_weight_change_fires_concentration_and_changing_back_clears_it(
+        tmp_path: Path) -> None:
+    a, b = LiveBackend("a"), LiveBackend("b")
+    pool = {"allow_concentration": "test: a live weight change the guard lets through"}
+    data = balancer_config(two_backend_pool(a, b, **pool),
+                           guard={"live_window": "3s", "live_min_requests": 30})
+    key = ("balancer_pool_concentrated", (("pool", "web"),))
+    share_a = ("balancer_backend_traffic_share", (("backend", "a"), ("pool", "web")))
+
+    async def concentrated() -> bool:
+        return (await run.metrics())[key] == 1
+
+    async def spread() -> bool:
+        return (await run.metrics())[key] == 0
+
+    async with running(tmp_path, [a, b], data) as run, Traffic(run.port) as clients:
+        # A full window of even traffic: quiet.
+        await run.until(lambda: _window_full(run), "a full window of traffic")
+        assert await spread()
+        # Weight 9 for a, applied live over the admin endpoint: fires within the window.
+        status, _ = await run.reload(
+            {**data, "pools": {"web": {"backends": [a.entry(weight=9), b.entry()], **pool}}})
+        assert status == 200
+        await run.until(concentrated, "concentration detected")
+        m = await run.metrics()
+        assert m[share_a] > 0.55
+        line = await run.proc.wait_for("traffic concentrated")
+        assert "pool web" in line and "backend a" in line and "%" in line
+        doc = await run.status()
+        assert doc["pools"]["web"]["concentrated"]["backend"] == "a"
+        # Back to equal weights: clears, and says so once.
+        status, _ = await run.reload(data)
+        assert status == 200
+        await run.until(spread, "concentration cleared")
+        await run.proc.wait_for("traffic concentration cleared")
+        assert clients.failures == []
+    assert run.proc.log.count("traffic concentrated") == 1
+
+
+async def _window_full(run: Running) -> bool:
+    doc = await run.status()
+    return doc["uptime"] > 3.5 and doc["pools"]["web"]["window_requests"] >= 60

@@ -3,45 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from balancer.backend import Backend
 from balancer.config import parse_config
 from balancer.pool import NoBackend, Pool
 from balancer.strategies import PickContext
-from tests.support.net import run_app
+from tests.test_admin import WAIT, LiveBackend, Running, balancer_config, running, two_backend_pool
 
 CLIENTS = 50
 LIMIT = 4
-
-
-class Counting:
-    """A backend that measures its own concurrency: the truth about what it was sent."""
-
-    def __init__(self, delay: float = 0.01) -> None:
-        self.delay = delay
-        self.now = 0
-        self.peak = 0
-        self.served = 0
-
-    def app(self) -> web.Application:
-        async def handle(request: web.Request) -> web.Response:
-            self.now += 1
-            self.peak = max(self.peak, self.now)
-            try:
-                await asyncio.sleep(self.delay)
-            finally:
-                self.now -= 1
-            self.served += 1
-            return web.Response(text="ok")
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        return app
 
 
 def make_pool(ports: list[int], **pool: Any) -> Pool:
@@ -52,10 +28,16 @@ def make_pool(ports: list[int], **pool: Any) -> Pool:
 
 
 @pytest.fixture
-async def two_backends() -> AsyncIterator[tuple[list[Counting], list[int]]]:
-    servers = [Counting(), Counting()]
-    async with run_app(servers[0].app()) as p0, run_app(servers[1].app()) as p1:
-        yield servers, [p0, p1]
+async def two_backends() -> AsyncIterator[tuple[list[LiveBackend], list[int]]]:
+    """Two backends that count their own concurrency: the truth about what they were sent."""
+    servers = [LiveBackend("a", delay=0.01), LiveBackend("b", delay=0.01)]
+    for server in servers:
+        await server.start()
+    try:
+        yield servers, [server.port for server in servers]
+    finally:
+        for server in servers:
+            await server.stop()
 
 
 async def hammer(pool: Pool, clients: int, each: int) -> list[str]:
@@ -83,7 +65,7 @@ async def hammer(pool: Pool, clients: int, each: int) -> list[str]:
 
 
 async def test_max_connections_is_never_exceeded_and_waiting_is_fair(
-        two_backends: tuple[list[Counting], list[int]]) -> None:
+        two_backends: tuple[list[LiveBackend], list[int]]) -> None:
     servers, ports = two_backends
     pool = make_pool(ports, max_connections=LIMIT)  # default queue_timeout: 1 s
     # 25 rounds: long enough (> queue_timeout) that a queue a newcomer could jump would starve.
@@ -100,7 +82,7 @@ async def test_max_connections_is_never_exceeded_and_waiting_is_fair(
 
 
 async def test_a_backend_entry_overrides_the_pool_limit(
-        two_backends: tuple[list[Counting], list[int]]) -> None:
+        two_backends: tuple[list[LiveBackend], list[int]]) -> None:
     servers, ports = two_backends
     cfg = {"backends": [{"url": f"http://127.0.0.1:{ports[0]}", "max_connections": 1},
                         f"http://127.0.0.1:{ports[1]}"], "max_connections": 3}
@@ -110,8 +92,8 @@ async def test_a_backend_entry_overrides_the_pool_limit(
 
 
 async def test_no_slot_within_queue_timeout_is_rejected_as_overload(
-        two_backends: tuple[list[Counting], list[int]]) -> None:
-    servers, ports = two_backends
+        two_backends: tuple[list[LiveBackend], list[int]]) -> None:
+    _, ports = two_backends
     pool = make_pool(ports, max_connections=1, queue_timeout="100ms")
     held = [await pool.acquire(PickContext()), await pool.acquire(PickContext())]
     assert {b.port for b in held} == set(ports) and pool.in_flight == 2
@@ -153,3 +135,52 @@ async def test_no_backend_is_counted_and_retries_are_not() -> None:
     with pytest.raises(NoBackend):
         await pool.acquire(PickContext(), exclude=pool.backends[:1])
     assert pool.rejected == {"no_backend": 1, "overload": 0}
+
+
+# --------------------------------------------------------------------------- through the proxy
+
+
+async def _hammer_proxy(run: Running, clients: int, each: int) -> list[tuple[int, str | None]]:
+    """``clients`` concurrent clients, each with its own connection, ``each`` requests."""
+    out: list[tuple[int, str | None]] = []
+
+    async def client() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as s:
+            for _ in range(each):
+                async with s.get(run.url + "/") as r:
+                    await r.read()
+                    out.append((r.status, r.headers.get("Retry-After")))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return out
+
+
+async def test_through_the_proxy_max_connections_4_holds_under_50_clients(
+        tmp_path: Path) -> None:
+    a, b = LiveBackend("a", delay=0.01), LiveBackend("b", delay=0.01)
+    data = balancer_config(two_backend_pool(a, b, max_connections=LIMIT))
+    async with running(tmp_path, [a, b], data) as run:
+        out = await _hammer_proxy(run, CLIENTS, 10)
+        assert a.peak <= LIMIT and b.peak <= LIMIT, (a.peak, b.peak)
+        assert a.peak == LIMIT and b.peak == LIMIT, "the test did not load the backends"
+        # Anything not answered was a clean 503 with Retry-After; with a 1 s queue and ~10 ms
+        # requests, nothing should have waited that long.
+        assert all(s == 200 or (s == 503 and ra) for s, ra in out)
+        assert sum(1 for s, _ in out if s == 200) == CLIENTS * 10
+        doc = await run.status()
+        assert doc["pools"]["web"]["in_flight"] == 0 and doc["pools"]["web"]["waiting"] == 0
+
+
+async def test_through_the_proxy_no_slot_in_time_is_503_with_retry_after_and_counted(
+        tmp_path: Path) -> None:
+    a, b = LiveBackend("a", delay=0.3), LiveBackend("b", delay=0.3)
+    data = balancer_config(two_backend_pool(a, b, max_connections=1, queue_timeout="50ms"))
+    async with running(tmp_path, [a, b], data) as run:
+        out = await _hammer_proxy(run, 8, 1)
+        rejected = [ra for s, ra in out if s == 503]
+        assert rejected and all(ra for ra in rejected)
+        assert sum(1 for s, _ in out if s == 200) == len(out) - len(rejected) >= 2
+        assert a.peak == 1 and b.peak == 1
+        m = await run.metrics()
+        assert m[("balancer_rejected_requests_total",
+                  (("pool", "web"), ("reason", "overload")))] == len(rejected)
