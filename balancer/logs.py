@@ -32,7 +32,13 @@ def setup_logging(level: int | str | None = None, stream: TextIO | None = None) 
         root.removeHandler(h)
     handler = _handler(out, logging.Formatter(_FORMAT, _DATEFMT))
     root.addHandler(handler)
-    root.setLevel(level)
+    try:
+        root.setLevel(level.upper() if isinstance(level, str) else level)
+    except ValueError:
+        root.setLevel(logging.INFO)
+        logging.getLogger("balancer").warning(
+            "BALANCER_LOG_LEVEL=%s: not a level (DEBUG, INFO, WARNING, ERROR); using INFO",
+            level)
 
     access = logging.getLogger(ACCESS_LOGGER)
     for h in [h for h in access.handlers if getattr(h, "_balancer", False)]:
