@@ -335,3 +335,28 @@ async def test_second_signal_during_drain_exits_at_once(tmp_path: Path) -> None:
         assert "exiting now" in proc.log
         request.cancel()
         await asyncio.gather(request, return_exceptions=True)
+
+
+async def test_removed_pool_leaves_the_router_and_its_backends_drain(tmp_path: Path) -> None:
+    async with AsyncExitStack() as stack:
+        a, b, c, d = await _backends(stack, 4)
+        listen = free_port()
+        both = _config(listen, [a, b])
+        both["pools"]["api"] = pool_config([c, d])
+        both["routes"] = [{"path_prefix": "/api", "pool": "api"}, {"pool": "web"}]
+        cfg = write_config(tmp_path / "two.yaml", both)
+        app = App(str(cfg))
+        await app.start()
+        stack.push_async_callback(app.drain, 1.0)
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+        api_url = f"http://127.0.0.1:{listen}/api/users"
+        assert {await _get(session, api_url) for _ in range(4)} == {f"b{c}", f"b{d}"}
+        api = app.pools["api"]
+
+        write_config(cfg, _config(listen, [a, b]))
+        assert (await app.reload()).applied
+        assert "api" not in app.pools
+        assert all(backend.draining for backend in api.backends)
+        # /api now falls through to the catch-all route of the new config.
+        assert {await _get(session, api_url) for _ in range(4)} == {f"b{a}", f"b{b}"}
