@@ -10,6 +10,7 @@ When is a pool *concentrated*? The rule, chosen so that noise never fires it:
 
 - the pool has two or more backends in rotation (with one, all traffic on it is a capacity
   problem, which the backend-down and panic signals report, not a distribution problem);
+  backups count only while they serve, i.e. when no primary is in rotation;
 - the window holds at least ``guard.live_min_requests`` requests of that pool;
 - it **fires** when the 3-sigma Wilson lower bound of the top backend's share is above
   ``max_share + live_margin``: with ``max_share: 0.5`` that is "confidently above 55 %", so two
@@ -70,6 +71,15 @@ def wilson_lower(share: float, n: int, z: float = Z) -> float:
     centre = share + z2 / (2 * n)
     spread = z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
     return max(0.0, (centre - spread) / (1 + z2 / n))
+
+
+def serving(pool: Pool, now: float) -> int:
+    """How many backends the pool spreads its traffic over right now, by the pool's own rules:
+    the primaries in rotation (all of them in panic); the backups only when no primary is."""
+    if pool.panic:
+        return len(pool.primary)
+    up = sum(1 for b in pool.primary if b.available(now))
+    return up or sum(1 for b in pool.backup if b.available(now))
 
 
 class _PoolWindow:
@@ -139,7 +149,7 @@ class Monitor:
             self._judge(pool, w, guard, now)
 
     def _judge(self, pool: Pool, w: _PoolWindow, guard: GuardConfig, now: float) -> None:
-        in_rotation = sum(1 for b in pool.backends if b.weight > 0 and b.available(now))
+        in_rotation = serving(pool, now)
         total = w.total
         current = w.concentration
         if in_rotation < 2 or total == 0:

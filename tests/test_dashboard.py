@@ -25,6 +25,8 @@ from balancer.config import parse_config
 from balancer.monitor import Monitor
 from balancer.pool import Pool
 from tests.support.net import free_port
+from tests.test_admin import LiveBackend, balancer_config, running, two_backend_pool
+from tests.test_lifecycle import Traffic
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed "
@@ -241,3 +243,29 @@ async def test_dashboard_shows_every_backend_and_bars_follow_traffic(
     # Everything the page loaded came from the admin app: it works offline.
     assert browser.requests and all(r.startswith(url) for r in browser.requests), \
         browser.requests
+
+
+async def test_dashboard_of_a_running_balancer_follows_a_live_weight_change(
+        browser: Browser, tmp_path: Path) -> None:
+    """The whole product: `balancer run`, real traffic, a reload over /reload, a real page."""
+    a, b = LiveBackend("a"), LiveBackend("b")
+    pool = {"allow_concentration": "test: a live weight change the guard lets through"}
+    data = balancer_config(two_backend_pool(a, b, **pool),
+                           guard={"live_window": "3s", "live_min_requests": 30})
+    async with running(tmp_path, [a, b], data) as run, Traffic(run.port) as clients:
+        await browser.call("Page.navigate", url=run.admin + "/")
+        await browser.wait_for("document.querySelectorAll('tr.backend').length === 2",
+                               "both backends")
+        await browser.wait_for(f"(s => s['web/a'] > 35 && s['web/a'] < 65)(JSON.parse({SHARES}))",
+                               "an even split")
+        status, _ = await run.reload(
+            {**data, "pools": {"web": {"backends": [a.entry(weight=9), b.entry()], **pool}}})
+        assert status == 200
+        await browser.wait_for(f"JSON.parse({SHARES})['web/a'] > 75", "a's bar above 75%")
+        await browser.wait_for("!document.querySelector('section[data-pool=web] "
+                               ".alert.concentrated').hidden", "the concentration warning")
+        assert await browser.eval("document.getElementById('reloads-applied').textContent") \
+            == "1"
+        await browser.screenshot(tmp_path / "live.png")
+        assert clients.failures == []
+    assert browser.exceptions == []

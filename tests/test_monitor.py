@@ -207,3 +207,17 @@ async def test_live_weight_change_fires_concentration_and_changing_back_clears_i
 async def _window_full(run: Running) -> bool:
     doc = await run.status()
     return doc["uptime"] > 3.5 and doc["pools"]["web"]["window_requests"] >= 60
+
+
+def test_an_idle_backup_does_not_count_as_a_second_backend_in_rotation() -> None:
+    clock, monitor = Clock(), Monitor()
+    cfg = parse_config({"pools": {"web": {"backends": [
+        {"url": "http://127.0.0.1:9000", "name": "b0"},
+        {"url": "http://127.0.0.1:9001", "name": "b1"},
+        {"url": "http://127.0.0.1:9002", "name": "spare", "backup": True}]}}})
+    pc = cfg.pools["web"]
+    pool = Pool(pc, [Backend(b, "web") for b in pc.backends], clock=clock)
+    pool.backends[1].healthy = False  # b0 alone serves; the backup waits, takes nothing
+    pool.state_changed()
+    assert not pool.panic
+    assert not any(run(monitor, pool, clock, 10, [40, 0, 0]))

@@ -95,8 +95,8 @@ function renderPool(name, p, guard) {
   const c = p.concentrated;
   view.concentrated.hidden = !c;
   view.concentrated.textContent = c ? `Traffic concentrated: ${c.backend} takes ${pct(c.share)} ` +
-    `of the last ${c.requests} requests (max_share ${pct(guard.max_share)} + margin ` +
-    `${pct(guard.live_margin)}).` : "";
+    `of the ${c.requests} requests in the last ${duration(guard.live_window)} ` +
+    `(max_share ${pct(guard.max_share)} + margin ${pct(guard.live_margin)}).` : "";
   view.panic.hidden = !p.panic;
   view.panic.textContent = p.panic ? "Panic: too few backends are healthy; traffic is spread " +
     "over all of them." : "";
