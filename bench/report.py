@@ -79,7 +79,8 @@ def summarise(ms: list[Measurement], reference: str = "nginx") -> list[Summary]:
             disturbed_rounds=sum(m.disturbed for m in group),
         ))
     order = {name: i for i, (name, _, _) in enumerate(SCENARIOS)}
-    out.sort(key=lambda s: (order.get(s.scenario, 99), s.proxy != reference, s.proxy))
+    run_order = {proxy: i for i, proxy in enumerate(dict.fromkeys(m.proxy for m in ms))}
+    out.sort(key=lambda s: (order.get(s.scenario, 99), s.proxy != reference, run_order[s.proxy]))
     return out
 
 

@@ -43,6 +43,7 @@ from bench.report import (
 from bench.servers import (
     PROXIES,
     REPO,
+    VARIANTS,
     Backend,
     Processes,
     Proxy,
@@ -61,7 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, help="seconds per load run (default 10; quick 2)")
     ap.add_argument("--idle", type=int, help="idle keep-alive connections (default 1000)")
     ap.add_argument("--proxies", default=",".join(PROXIES),
-                    help="comma-separated, from: %(default)s (missing ones are skipped)")
+                    help="comma-separated, from: %(default)s (missing ones are skipped); "
+                         f"also {', '.join(VARIANTS)} for A/B runs")
+    ap.add_argument("--alt-src", type=Path, metavar="DIR",
+                    help="for balancer-alt: a checkout whose balancer/ package to run")
     ap.add_argument("--backend", choices=("auto", "nginx", "builtin"), default="auto")
     ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
     ap.add_argument("--retries", type=int,
@@ -133,13 +137,13 @@ class Bench:
     def run(self) -> Results:
         a = self.args
         wanted = [p.strip() for p in a.proxies.split(",") if p.strip()]
-        unknown = [p for p in wanted if p not in PROXIES]
+        unknown = [p for p in wanted if p not in PROXIES + VARIANTS]
         if unknown:
             raise SystemExit(f"bench/run.py: unknown proxy {unknown[0]!r} "
-                             f"(known: {', '.join(PROXIES)})")
+                             f"(known: {', '.join(PROXIES + VARIANTS)})")
         kinds = []
         for kind in wanted:
-            why = proxy_missing(kind)
+            why = proxy_missing(kind, a.alt_src)
             if why:
                 print(f"skipping {kind}: {why}")
             else:
@@ -150,7 +154,8 @@ class Bench:
         self._header(backend_kind, kinds)
 
         backend = start_backend(self.procs, backend_kind, self.load_cpu)
-        proxies = [start_proxy(self.procs, kind, backend, self.proxy_cpu) for kind in kinds]
+        proxies = [start_proxy(self.procs, kind, backend, self.proxy_cpu, alt_src=a.alt_src)
+                   for kind in kinds]
         for proxy in proxies:  # warm up: connection pools filled, caches hot
             run_load(self.tool, f"http://127.0.0.1:{proxy.port}/", 64, 1.0, self.load_cpu)
 
@@ -166,10 +171,11 @@ class Bench:
 
         if a.idle > 0:
             for kind in kinds:
-                fresh = start_proxy(self.procs, kind, backend, self.proxy_cpu, tag="-idle")
+                fresh = start_proxy(self.procs, kind, backend, self.proxy_cpu, tag="-idle",
+                                    alt_src=a.alt_src)
                 per = bytes_per_idle_connection(fresh.proc.pid, fresh.port, a.idle)
                 self.results.idle_bytes[kind] = per
-                print(f"idle keep-alive: {kind:<9} {per:,.0f} bytes per connection "
+                print(f"idle keep-alive: {kind:<14} {per:,.0f} bytes per connection "
                       f"({a.idle} connections)", flush=True)
                 self.procs.stop(fresh.proc)
         return self.results
@@ -195,7 +201,7 @@ class Bench:
 def _progress(rounds: int, m: Measurement) -> None:
     load = m.load
     foreign = "/".join(f"{v:.0%}" for v in m.foreign.values()) or "n/a"
-    print(f"round {m.round}/{rounds}  {m.scenario:<10} {m.proxy:<9} {load.rps:>10,.0f} rps  "
+    print(f"round {m.round}/{rounds}  {m.scenario:<10} {m.proxy:<14} {load.rps:>10,.0f} rps  "
           f"p50 {load.p50_ms:6.2f} ms  p99 {load.p99_ms:6.2f} ms  "
           f"{m.cpu_us_per_request:6.1f} µs/req  errors {load.errors + load.non2xx}  "
           f"foreign {foreign}", flush=True)

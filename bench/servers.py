@@ -66,14 +66,16 @@ class Processes:
         self.pin = pin and shutil.which("taskset") is not None
         self.running: list[Proc] = []
 
-    def start(self, name: str, argv: list[str], cpu: int | None) -> Proc:
+    def start(self, name: str, argv: list[str], cpu: int | None,
+              env: dict[str, str] | None = None) -> Proc:
         if self.pin and cpu is not None:
             argv = ["taskset", "-c", str(cpu), *argv]
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.workdir,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     env=None if env is None else {**os.environ, **env})
         proc = Proc(name, popen, log)
         self.running.append(proc)
         return proc
@@ -170,12 +172,18 @@ def start_backend(procs: Processes, kind: str, cpu: int | None) -> Backend:
 # --------------------------------------------------------------------------- the proxies
 
 PROXIES = ("nginx", "haproxy", "balancer")
+#: Variants of balancer for A/B measurements, named in ``--proxies`` like the others:
+#: ``balancer-nolog`` runs without its access log (BALANCER_LOG_LEVEL=WARNING), and
+#: ``balancer-alt`` runs the checkout given as ``--alt-src`` (a proposed change).
+VARIANTS = ("balancer-nolog", "balancer-alt")
 
 
-def proxy_missing(kind: str) -> str | None:
+def proxy_missing(kind: str, alt_src: Path | None = None) -> str | None:
     """Why a proxy cannot be benchmarked here, or None."""
     if kind in ("nginx", "haproxy") and shutil.which(kind) is None:
         return f"{kind} is not installed"
+    if kind == "balancer-alt" and (alt_src is None or not (alt_src / "balancer").is_dir()):
+        return "--alt-src must name a checkout with a balancer/ package"
     return None
 
 
@@ -187,12 +195,13 @@ class Proxy:
 
 
 def start_proxy(procs: Processes, kind: str, backend: Backend, cpu: int | None,
-                tag: str = "") -> Proxy:
+                tag: str = "", alt_src: Path | None = None) -> Proxy:
     """Start one proxy in front of ``backend`` and wait until it forwards a request."""
     port = free_port()
     d = procs.workdir
     name = f"{kind}{tag}"
     b1, b2 = backend.ports
+    env: dict[str, str] | None = None
     if kind == "nginx":
         conf = render("nginx-proxy.conf", d / f"{name}.conf", dir=d, name=name, port=port,
                       backend1=b1, backend2=b2)
@@ -200,12 +209,19 @@ def start_proxy(procs: Processes, kind: str, backend: Backend, cpu: int | None,
     elif kind == "haproxy":
         conf = render("haproxy.cfg", d / f"{name}.cfg", port=port, backend1=b1, backend2=b2)
         argv = ["haproxy", "-db", "-f", str(conf)]
-    elif kind == "balancer":
+    elif kind.startswith("balancer"):
         conf = render("balancer.yaml", d / f"{name}.yaml", port=port, admin_port=free_port(),
                       backend1=b1, backend2=b2)
         argv = [sys.executable, "-m", "balancer", "run", "-c", str(conf)]
+        if kind == "balancer-nolog":
+            env = {"BALANCER_LOG_LEVEL": "WARNING"}
+        elif kind == "balancer-alt":
+            assert alt_src is not None
+            env = {"PYTHONPATH": str(alt_src.resolve())}
+        elif kind != "balancer":
+            raise ValueError(f"unknown proxy {kind!r}")
     else:
-        raise ValueError(f"unknown proxy {kind!r} (known: {', '.join(PROXIES)})")
-    proc = procs.start(name, argv, cpu)
+        raise ValueError(f"unknown proxy {kind!r} (known: {', '.join(PROXIES + VARIANTS)})")
+    proc = procs.start(name, argv, cpu, env)
     wait_http(proc, port)
     return Proxy(kind, proc, port)

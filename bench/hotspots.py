@@ -1,0 +1,120 @@
+"""Where balancer's CPU goes under load: py-spy samples it while wrk drives small requests.
+
+    pip install py-spy
+    python bench/hotspots.py [--seconds 10] [--connections 64] [--native] [--out DIR]
+
+Same set-up as run.py (balancer pinned to CPU 0; nginx backend, wrk and py-spy on CPU 1), then
+prints self time (the function on top of the stack) and inclusive time per function and per
+file, as shares of the samples in which balancer was busy. ``--native`` includes C frames
+(uvloop, httptools, the kernel boundary). The raw stacks stay in ``--out`` for a flame graph
+(``flamegraph.pl`` or speedscope.app take them as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: find bench.*
+
+from bench.load import load_tool, run_load
+from bench.servers import Processes, StartError, start_backend, start_proxy
+
+
+def summarise(raw: str, top: int = 25) -> str:
+    """Self and inclusive shares from py-spy's ``--format raw`` (collapsed stacks)."""
+    self_fn: Counter[str] = Counter()
+    incl_fn: Counter[str] = Counter()
+    self_file: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_short(f) for f in stack.split(";")]
+        self_fn[frames[-1][0]] += n
+        self_file[frames[-1][1]] += n
+        for name in {f[0] for f in frames}:
+            incl_fn[name] += n
+    if not total:
+        return "no samples (was the proxy busy? is py-spy allowed to attach?)"
+
+    def table(title: str, counter: Counter[str]) -> str:
+        rows = [f"{n / total:6.1%}  {name}" for name, n in counter.most_common(top)]
+        return f"{title}\n" + "\n".join(rows)
+
+    return "\n\n".join([f"{total} samples while busy",
+                        table("self time by function", self_fn),
+                        table("self time by file", self_file),
+                        table("inclusive time by function", incl_fn)])
+
+
+def _short(frame: str) -> tuple[str, str]:
+    """``func (path/to/file.py:12)`` → (``func (file.py)``, ``file.py``)."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    marker = "/balancer/"
+    if marker in path:
+        path = "balancer/" + path.split(marker, 1)[1]
+    else:
+        path = path.rsplit("/", 1)[-1] or "?"
+    return f"{name} ({path})", path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/hotspots.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--path", default="/", help="/ (small) or /64k")
+    ap.add_argument("--native", action="store_true", help="include C frames")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args(argv)
+    if shutil.which("py-spy") is None:
+        print("bench/hotspots.py: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw_path = args.out / "hotspots-balancer.txt"
+    with tempfile.TemporaryDirectory(prefix="balancer-hotspots-") as tmp:
+        cpus = sorted(os.sched_getaffinity(0))
+        procs = Processes(Path(tmp), pin=len(cpus) >= 2)
+        mine, other = (cpus[0], cpus[1]) if procs.pin else (None, None)
+        try:
+            backend = start_backend(procs, "nginx" if shutil.which("nginx") else "builtin", other)
+            proxy = start_proxy(procs, "balancer", backend, mine)
+            tool = load_tool("auto")
+            run_load(tool, f"http://127.0.0.1:{proxy.port}/", 64, 1, other)  # warm up
+            spy = (["taskset", "-c", str(other)] if procs.pin else []) + ["py-spy", "record", "--pid", str(proxy.proc.pid),
+                   "--duration", str(args.seconds + 1), "--rate", "200", "--format", "raw",
+                   "-o", str(raw_path)]
+            # --native must pause the process to unwind C stacks; plain sampling need not.
+            spy += ["--native"] if args.native else ["--nonblocking"]
+            recorder = subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+            result = run_load(tool, f"http://127.0.0.1:{proxy.port}{args.path}",
+                              args.connections, args.seconds, other)
+            _, err = recorder.communicate(timeout=args.seconds + 60)
+            if recorder.returncode != 0:
+                print(f"bench/hotspots.py: py-spy failed: {err.strip()[-500:]}", file=sys.stderr)
+                return 1
+        except StartError as exc:
+            print(f"bench/hotspots.py: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            procs.stop_all()
+    print(f"load while sampled: {result.rps:,.0f} requests/s, p50 {result.p50_ms:.2f} ms, "
+          f"p99 {result.p99_ms:.2f} ms (sampling costs the proxy a little)\n")
+    print(summarise(raw_path.read_text()))
+    print(f"\nraw stacks: {raw_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
