@@ -132,6 +132,19 @@ async def _slow_setup(stack: AsyncExitStack, tmp_path: Path, **top: Any
     return slow, proc, listen
 
 
+async def _started_app(stack: AsyncExitStack, cfg: Path) -> App:
+    """An App serving ``cfg`` in this process, drained when the stack closes."""
+    app = App(str(cfg))
+    await app.start()
+    stack.push_async_callback(app.drain, 1.0)
+    return app
+
+
+async def _session(stack: AsyncExitStack) -> aiohttp.ClientSession:
+    return await stack.enter_async_context(
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+
+
 async def _connect_refused(port: int) -> bool:
     """Whether a new TCP connection to ``port`` is refused (retrying briefly)."""
     for _ in range(25):
@@ -201,11 +214,8 @@ async def test_reload_keeps_backend_objects_state_and_counters(tmp_path: Path) -
         a, b, c = await _backends(stack, 3)
         listen = free_port()
         cfg = write_config(tmp_path / "web.yaml", _config(listen, [a, b]))
-        app = App(str(cfg))
-        await app.start()
-        stack.push_async_callback(app.drain, 1.0)
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+        app = await _started_app(stack, cfg)
+        session = await _session(stack)
         url = f"http://127.0.0.1:{listen}/"
         for _ in range(10):
             await _get(session, url)
@@ -246,9 +256,7 @@ async def test_refused_and_invalid_reloads_change_nothing(tmp_path: Path) -> Non
         a, b = await _backends(stack, 2)
         listen = free_port()
         cfg = write_config(tmp_path / "web.yaml", _config(listen, [a, b]))
-        app = App(str(cfg))
-        await app.start()
-        stack.push_async_callback(app.drain, 1.0)
+        app = await _started_app(stack, cfg)
         before = (app.config, app.report, app.pools["web"], app.state.router)
 
         write_config(cfg, _config(listen, [a]))
@@ -270,8 +278,7 @@ async def test_sigterm_finishes_in_flight_request_refuses_new_ones_and_exits_0(
         tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
         slow, proc, listen = await _slow_setup(stack, tmp_path)
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+        session = await _session(stack)
 
         async def fetch(path: str) -> tuple[int, str]:
             async with session.get(f"http://127.0.0.1:{listen}{path}") as r:
@@ -294,8 +301,7 @@ async def test_sigterm_finishes_in_flight_request_refuses_new_ones_and_exits_0(
 async def test_sigterm_lets_a_slow_request_finish(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
         slow, proc, listen = await _slow_setup(stack, tmp_path)
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+        session = await _session(stack)
         request = asyncio.create_task(session.get(f"http://127.0.0.1:{listen}/slow"))
         await asyncio.wait_for(slow.started.wait(), WAIT)
         proc.send(signal.SIGTERM)  # the backend is 1 s into answering
@@ -307,8 +313,7 @@ async def test_sigterm_lets_a_slow_request_finish(tmp_path: Path) -> None:
 async def test_drain_timeout_bounds_a_request_that_never_finishes(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
         slow, proc, listen = await _slow_setup(stack, tmp_path, drain_timeout="300ms")
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+        session = await _session(stack)
         request = asyncio.create_task(session.get(f"http://127.0.0.1:{listen}/hang"))
         await asyncio.wait_for(slow.started.wait(), WAIT)
         proc.send(signal.SIGTERM)
@@ -323,8 +328,7 @@ async def test_drain_timeout_bounds_a_request_that_never_finishes(tmp_path: Path
 async def test_second_signal_during_drain_exits_at_once(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
         slow, proc, listen = await _slow_setup(stack, tmp_path)  # drain_timeout: 30 s
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+        session = await _session(stack)
         request = asyncio.create_task(session.get(f"http://127.0.0.1:{listen}/hang"))
         await asyncio.wait_for(slow.started.wait(), WAIT)
         mark = proc.mark()
@@ -345,11 +349,8 @@ async def test_removed_pool_leaves_the_router_and_its_backends_drain(tmp_path: P
         both["pools"]["api"] = pool_config([c, d])
         both["routes"] = [{"path_prefix": "/api", "pool": "api"}, {"pool": "web"}]
         cfg = write_config(tmp_path / "two.yaml", both)
-        app = App(str(cfg))
-        await app.start()
-        stack.push_async_callback(app.drain, 1.0)
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)))
+        app = await _started_app(stack, cfg)
+        session = await _session(stack)
         api_url = f"http://127.0.0.1:{listen}/api/users"
         assert {await _get(session, api_url) for _ in range(4)} == {f"b{c}", f"b{d}"}
         api = app.pools["api"]
