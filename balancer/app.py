@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,9 +54,10 @@ def check_config(path: str) -> tuple[Config, Any]:
     Returns the config and its guard report; raises ConfigError (invalid) or Refused.
     Blocking (the guard simulates traffic and resolves names): call it off the event loop.
     """
+    from balancer.discovery import expand
     from balancer.guard import evaluate
 
-    config = load_config(path)
+    config = expand(load_config(path))  # ``discovery: dns`` entries → their addresses now
     report = evaluate(config)
     if not report.ok:
         raise Refused(report, str(path))
@@ -130,12 +132,13 @@ class App:
     def _build_services(self) -> list[Service]:
         """The services that run beside the proxy, in start order (stopped in reverse)."""
         from balancer.admin import AdminServer
+        from balancer.discovery import DiscoveryService
         from balancer.health import HealthChecker
         from balancer.monitor import Monitor, MonitorService
 
         self.monitor = Monitor()  # live traffic shares; read by /metrics, /status, dashboard
         self.admin = AdminServer(self.monitor)  # .address: where it really listens
-        return [HealthChecker(), MonitorService(self.monitor), self.admin]
+        return [DiscoveryService(), HealthChecker(), MonitorService(self.monitor), self.admin]
 
     # --- start ---------------------------------------------------------------------------
 
@@ -202,12 +205,37 @@ class App:
                             old.listen, config.listen)
             for backend in gone:
                 self._retire(backend)
-            for service in self._started:
-                try:
-                    service.on_reload(self)
-                except Exception:
-                    log.exception("reload: %s.on_reload failed", type(service).__name__)
+            self._tell_services()
             return ReloadResult(True, [], diff)
+
+    async def apply_change(self, change: Callable[[Config], Awaitable[tuple[Config, Any] | None]],
+                           source: object = None) -> bool:
+        """Apply a change to the live config that a service computed and judged (DNS discovery
+        changing a pool's backend set), under the reload lock so it never interleaves with a
+        reload. ``change`` gets the live config and returns the new one with its guard report,
+        or None to keep the live one. Applied like a reload (kept backends keep their state,
+        removed ones drain); the other services hear of it through ``on_reload``.
+        """
+        async with self._reload_lock:
+            if self._draining:
+                return False
+            result = await change(self.config)
+            if result is None:
+                return False
+            config, self.report = result
+            for backend in self._apply(config):
+                self._retire(backend)
+            self._tell_services(skip=source)
+            return True
+
+    def _tell_services(self, skip: object = None) -> None:
+        for service in self._started:
+            if service is skip:
+                continue
+            try:
+                service.on_reload(self)
+            except Exception:
+                log.exception("reload: %s.on_reload failed", type(service).__name__)
 
     def _refused(self, problems: list[str], diff: str) -> ReloadResult:
         self.reloads["refused"] += 1
@@ -421,8 +449,9 @@ def _flush() -> None:
 # --------------------------------------------------------------------------- `balancer run`
 
 
-def main_run(config_path: str) -> int:
-    """``balancer run -c FILE``: 0 after a clean drain, 1 when the config or the bind fails."""
+def main_run(config_path: str, *, watch: bool = False) -> int:
+    """``balancer run -c FILE [--watch]``: 0 after a clean drain, 1 when the config or the bind
+    fails. ``watch``: reload when the file's content changes (balancer/watch.py)."""
     from balancer.logs import setup_logging
 
     setup_logging()
@@ -436,6 +465,10 @@ def main_run(config_path: str) -> int:
             where = "" if problem.startswith(config_path) else f"{config_path}: "
             print(f"{prefix}{where}{problem}", file=sys.stderr)
         return 1
+    if watch:
+        from balancer.watch import ConfigWatcher
+
+        app.services.append(ConfigWatcher(config_path))
     try:
         _run(app.serve_forever())
     except StartError as exc:

@@ -12,6 +12,7 @@ import sys
 from typing import TextIO
 
 from balancer.config import Config, ConfigError, load_config
+from balancer.discovery import expand
 from balancer.guard import GuardReport, evaluate, format_diff, format_shares, pct
 
 
@@ -19,7 +20,7 @@ def main_check(config_path: str, against: str | None) -> int:
     """Check ``config_path`` (optionally against the deployed ``against``); the exit code."""
     out, err = sys.stdout, sys.stderr
     try:
-        config = load_config(config_path)
+        config = expand(load_config(config_path))  # discovery: dns → the addresses it has now
     except ConfigError as exc:
         _lines(err, config_path, exc.problems)
         print(f"{config_path}: invalid ({_count(exc.problems)})", file=out)
@@ -46,7 +47,7 @@ def main_check(config_path: str, against: str | None) -> int:
 def _old_report(path: str, err: TextIO) -> GuardReport | None:
     """The deployed config's shares; if it no longer loads, say so and compare with nothing."""
     try:
-        old: Config = load_config(path)
+        old: Config = expand(load_config(path))
     except ConfigError as exc:
         _lines(err, path, exc.problems, "warning: --against: ")
         return None

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve traffic with a config")
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    run.add_argument("--watch", action="store_true",
+                     help="reload when the config file's content changes (a mounted ConfigMap),"
+                          " with the guard deciding as on SIGHUP")
 
     check = sub.add_parser("check", help="validate a config and simulate its traffic shares")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from balancer.app import main_run
 
-        return main_run(args.config)
+        return main_run(args.config, watch=args.watch)
     if args.command == "demo":
         from balancer.demo import main_demo
 

@@ -62,6 +62,9 @@ class Pool:
         self.panic = False
         # Requests this pool turned away, by NoBackend reason (read by metrics.py).
         self.rejected: dict[str, int] = {"no_backend": 0, "overload": 0}
+        # Why DNS discovery keeps this pool's last good set (the guard refused the new one);
+        # None when it does not. Exported as balancer_pool_concentrated (balancer/discovery.py).
+        self.discovery_refused: str | None = None
         self.update(config, backends)
 
     # --- membership ----------------------------------------------------------------------
