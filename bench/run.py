@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--proxies", default=",".join(PROXIES),
                     help="comma-separated, from: %(default)s (missing ones are skipped); "
                          f"also {', '.join(VARIANTS)} for A/B runs")
+    ap.add_argument("--loads", default=",".join(name for name, _, _ in SCENARIOS),
+                    help="comma-separated, from: %(default)s")
     ap.add_argument("--alt-src", type=Path, metavar="DIR",
                     help="for balancer-alt: a checkout whose balancer/ package to run")
     ap.add_argument("--backend", choices=("auto", "nginx", "builtin"), default="auto")
@@ -142,6 +144,10 @@ class Bench:
             raise SystemExit(f"bench/run.py: unknown proxy {unknown[0]!r} "
                              f"(known: {', '.join(PROXIES + VARIANTS)})")
         kinds = []
+        names = {name for name, _, _ in SCENARIOS}
+        self.scenarios = [sc for sc in SCENARIOS if sc[0] in a.loads.split(",")]
+        if not self.scenarios or not set(a.loads.split(",")) <= names:
+            raise SystemExit(f"bench/run.py: --loads takes names from: {', '.join(names)}")
         for kind in wanted:
             why = proxy_missing(kind, a.alt_src)
             if why:
@@ -160,7 +166,7 @@ class Bench:
             run_load(self.tool, f"http://127.0.0.1:{proxy.port}/", 64, 1.0, self.load_cpu)
 
         for rnd in range(1, a.rounds + 1):
-            for scenario in SCENARIOS:
+            for scenario in self.scenarios:
                 for proxy in proxies:
                     m = self.measure(proxy, backend, scenario, rnd)
                     self.results.measurements.append(m)
@@ -190,7 +196,7 @@ class Bench:
                if self.pinned else "not pinned (needs 2 CPUs and taskset)")
         print(f"backend: {backend_kind}; load: {self.tool}; {pin}")
         print(f"workdir: {self.procs.workdir}")
-        print(f"rounds: {a.rounds} × {len(SCENARIOS)} loads × {len(kinds)} proxies, "
+        print(f"rounds: {a.rounds} × {len(self.scenarios)} loads × {len(kinds)} proxies, "
               f"{a.duration:g} s each; proxies: {', '.join(kinds) or 'none'}")
         if self.tool == "python":
             print("note: the bundled Python load generator is slower than wrk; it may be the "
