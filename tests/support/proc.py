@@ -58,8 +58,9 @@ def _env() -> dict[str, str]:
 class BalancerProcess:
     """``balancer run -c CONFIG`` in a subprocess; use as a (sync or async) context manager."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, *args: str) -> None:
         self.config = config
+        self.args = args  # more ``run`` options, e.g. ``--watch``
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self._lock = threading.Lock()
@@ -69,7 +70,7 @@ class BalancerProcess:
 
     def start(self) -> Self:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "balancer", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "balancer", "run", "-c", str(self.config), *self.args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, env=_env())
         self._reader = threading.Thread(target=self._read, daemon=True)
