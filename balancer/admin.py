@@ -69,6 +69,8 @@ def pool_status(pool: Pool, monitor: Monitor | None) -> dict[str, Any]:
         "concentrated": None if conc is None else {
             "backend": conc.backend, "share": round(conc.share, 4), "requests": conc.requests},
         "allow_concentration": pool.config.allow_concentration,
+        # Set while DNS discovery keeps the last good set because the guard refused the new one.
+        "discovery_refused": getattr(pool, "discovery_refused", None),
         "in_flight": pool.in_flight,
         "waiting": pool.waiting,
         "rejected": dict(pool.rejected),

@@ -21,8 +21,9 @@ Two moments, one rule: the guard judges the real set of addresses, never the nam
   (state, counters, warm connections), new ones join, and gone ones drain (no new requests,
   in-flight ones finish, then their connections close). When the guard refuses it (the name
   collapsed to one address), the pool keeps its last good set, a warning is logged once, and
-  ``pool.discovery_refused`` raises ``balancer_pool_concentrated`` until DNS recovers or a
-  reload judges afresh.
+  ``pool.discovery_refused`` raises ``balancer_pool_concentrated`` (and shows on /status) until
+  DNS recovers or a reload judges afresh. Such a reload resolves the name again, so while DNS
+  still gives one address the reload is refused too: the last good set keeps serving.
 
 A look-up that fails (timeout, SERVFAIL) or that finds no address at all (NXDOMAIN, no records)
 keeps the last good set: a DNS hiccup must not empty a pool, and serving from addresses that

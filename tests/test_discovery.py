@@ -10,8 +10,10 @@ or the real CLI for ``balancer check``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -52,10 +54,13 @@ async def fleet() -> AsyncIterator[Fleet]:
         await backends.aclose()
 
 
-def backend_app(name: str) -> web.Application:
-    """Answers with ``name``; ``/slow?s=0.5`` answers after that many seconds."""
+def backend_app(name: str, probes: Counter[str]) -> web.Application:
+    """Answers with ``name``; ``/slow?s=0.5`` answers after that many seconds; counts the
+    health probes (``/healthz``) it gets in ``probes[name]``."""
 
     async def handle(request: web.Request) -> web.Response:
+        if request.path == "/healthz":
+            probes[name] += 1
         delay = float(request.query.get("s", "0"))
         if delay:
             await asyncio.sleep(delay)
@@ -71,12 +76,14 @@ class Fleet:
 
     def __init__(self) -> None:
         self.port = free_port(IPS[0])
+        self.probes: Counter[str] = Counter()
         self._running: dict[str, AsyncExitStack] = {}
 
     async def start(self, *ips: str) -> None:
         for ip in ips:
             stack = AsyncExitStack()
-            await stack.enter_async_context(run_app(backend_app(ip), host=ip, port=self.port))
+            await stack.enter_async_context(run_app(backend_app(ip, self.probes), host=ip,
+                                                     port=self.port))
             self._running[ip] = stack
 
     async def stop(self, ip: str) -> None:
@@ -132,10 +139,14 @@ def addresses(app: App) -> set[str]:
     return {b.host for b in app.pools["web"].backends}
 
 
+async def admin_get(app: App, path: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(f"http://{app.admin.address}{path}") as r:
+        assert r.status == 200
+        return await r.text()
+
+
 async def concentrated_metric(app: App) -> str:
-    async with aiohttp.ClientSession() as s, s.get(f"http://{app.admin.address}/metrics") as r:
-        text = await r.text()
-    return next(line for line in text.splitlines()
+    return next(line for line in (await admin_get(app, "/metrics")).splitlines()
                 if line.startswith('balancer_pool_concentrated{pool="web"}'))
 
 
@@ -239,7 +250,9 @@ async def test_scale_up_new_address_takes_traffic_and_old_ones_keep_their_state(
         dns_server: DNSServer, fleet: Fleet, tmp_path: Path) -> None:
     await fleet.start(*IPS[:3])
     dns_server.set(NAME, IPS[:2])
-    async with running(tmp_path, config(dns_server, fleet.port)) as app:
+    checked = config(dns_server, fleet.port,
+                     pool={"health_check": {"path": "/healthz", "interval": "200ms"}})
+    async with running(tmp_path, checked) as app:
         before = {b.host: b for b in app.pools["web"].backends}
         async with Traffic(app.address.port) as load:
             await settle(load, set(IPS[:2]))
@@ -250,6 +263,8 @@ async def test_scale_up_new_address_takes_traffic_and_old_ones_keep_their_state(
         assert after[IPS[0]] is before[IPS[0]] and after[IPS[1]] is before[IPS[1]]
         assert after[IPS[0]].requests_total > 0 and after[IPS[2]].requests_total > 0
         assert app.pools["web"].discovery_refused is None
+        # The health checker heard of the new address too: it is probed like the others.
+        await until(lambda: fleet.probes[IPS[2]] >= 2, "health probes of the new address")
 
 
 async def test_scale_down_under_load_drains_without_a_failed_request(
@@ -300,6 +315,8 @@ async def test_collapse_to_one_address_is_refused_and_raises_the_concentration_m
             assert addresses(app) == set(IPS[:2])
             assert set(await load.sample(40)) == set(IPS[:2])
             assert (await concentrated_metric(app)).endswith(" 1.0")
+            status = json.loads(await admin_get(app, "/status"))
+            assert status["pools"]["web"]["discovery_refused"] == pool.discovery_refused
             assert (pool.discovery_refused or "").startswith(f"{NAME} resolves to {IPS[0]}: ")
             refusals = [r.getMessage() for r in caplog.records
                         if "discovery change refused" in r.getMessage()]
