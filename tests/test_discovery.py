@@ -324,6 +324,11 @@ async def test_collapse_to_one_address_is_refused_and_raises_the_concentration_m
             assert (f"pool web: discovery change refused, keeping the last good set: {NAME}"
                     f" now resolves to {IPS[0]} (removed {IPS[1]}), and the guard says: "
                     f"only 1 distinct active backend") in refusals[0]
+            # A reload now resolves the name again and is refused the same way.
+            reload = await app.reload()
+            assert not reload.applied and addresses(app) == set(IPS[:2])
+            assert any("only 1 distinct active backend" in line for line in reload.problems)
+            assert pool.discovery_refused is not None
 
             # DNS recovers: the flag and the metric clear.
             dns_server.set(NAME, IPS[:2])
