@@ -149,6 +149,7 @@ class Monitor:
             self._judge(pool, w, guard, now)
 
     def _judge(self, pool: Pool, w: _PoolWindow, guard: GuardConfig, now: float) -> None:
+        pool.state_changed()  # panic is judged lazily on the request path: judge it now
         in_rotation = serving(pool, now)
         total = w.total
         current = w.concentration

@@ -232,10 +232,21 @@ async def test_dashboard_shows_every_backend_and_bars_follow_traffic(
     # A backend going down shows as down, with its reason.
     app.pools["web"].backends[2].healthy = False
     app.pools["web"].backends[2].health_reason = "status 500"
+    app.pools["web"].state_changed()
     state = await browser.wait_for(
         "(r => r.dataset.state === 'down' && r.querySelector('.reason').textContent)"
         "(document.querySelector('tr[data-backend=web3]'))", "web3 down")
     assert state == "status 500"
+    # Two of three down: the pool is in panic, and the page says so.
+    app.pools["web"].backends[1].healthy = False
+    app.pools["web"].state_changed()  # what the health checker does
+    await browser.wait_for("!document.querySelector('section[data-pool=web] .alert.panic')"
+                           ".hidden", "the panic warning")
+    assert await browser.eval("document.querySelector('section[data-pool=web] .badge.panic')"
+                              ".textContent") == "PANIC"
+    # In panic all three serve again, so the traffic on web1 is still a concentration.
+    assert await browser.eval("!document.querySelector('section[data-pool=web] "
+                              ".alert.concentrated').hidden") is True
 
     await browser.screenshot(tmp_path / "dashboard.png")
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000

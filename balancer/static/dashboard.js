@@ -38,6 +38,8 @@ function makePool(name) {
   concentrated.hidden = true;
   const panic = el("p", "alert panic");
   panic.hidden = true;
+  const discovery = el("p", "alert discovery");
+  discovery.hidden = true;
   const table = el("table");
   const thead = el("thead");
   const hr = el("tr");
@@ -48,9 +50,9 @@ function makePool(name) {
   thead.append(hr);
   const tbody = el("tbody");
   table.append(thead, tbody);
-  section.append(head, concentrated, panic, table);
+  section.append(head, concentrated, discovery, panic, table);
   document.getElementById("pools").append(section);
-  return {el: section, meta, badges, concentrated, panic, tbody, rows: new Map()};
+  return {el: section, meta, badges, concentrated, discovery, panic, tbody, rows: new Map()};
 }
 
 function makeRow(pool, name) {
@@ -90,13 +92,18 @@ function renderPool(name, p, guard) {
     Object.entries(p.rejected).map(([k, v]) => `${k} ${v}`).join(", ");
   view.badges.replaceChildren();
   if (p.panic) view.badges.append(el("span", "badge panic", "PANIC"));
-  if (p.concentrated) view.badges.append(el("span", "badge concentrated", "CONCENTRATED"));
+  if (p.concentrated || p.discovery_refused) {
+    view.badges.append(el("span", "badge concentrated", "CONCENTRATED"));
+  }
 
   const c = p.concentrated;
   view.concentrated.hidden = !c;
   view.concentrated.textContent = c ? `Traffic concentrated: ${c.backend} takes ${pct(c.share)} ` +
     `of the ${c.requests} requests in the last ${duration(guard.live_window)} ` +
     `(max_share ${pct(guard.max_share)} + margin ${pct(guard.live_margin)}).` : "";
+  view.discovery.hidden = !p.discovery_refused;
+  view.discovery.textContent = p.discovery_refused ? "DNS discovery kept the last good set: " +
+    p.discovery_refused : "";
   view.panic.hidden = !p.panic;
   view.panic.textContent = p.panic ? "Panic: too few backends are healthy; traffic is spread " +
     "over all of them." : "";
