@@ -39,6 +39,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer import config as config_module
+from balancer import guard
 from balancer.config import ConfigError, parse_config
 from balancer.strategies import STRATEGIES, resolve_strategy
 from tests.support.net import free_port, name_app, run_app
@@ -100,7 +101,13 @@ def code_blocks(doc: Path) -> list[Block]:
 def sections(doc: Path) -> list[tuple[str, str]]:
     """(heading, the text under it up to the next heading of any level), every heading."""
     lines = doc.read_text(encoding="utf-8").splitlines()
-    heads = [i for i, line in enumerate(lines) if re.match(r"#{1,6}\s", line)] + [len(lines)]
+    heads, fenced = [], False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6}\s", line):  # not a comment in a code block
+            heads.append(i)
+    heads.append(len(lines))
     return [(lines[i].lstrip("#").strip(), "\n".join(lines[i + 1:end]))
             for i, end in itertools.pairwise(heads)]
 
@@ -190,7 +197,7 @@ UNSET = {"none", "unlimited", "off", "any host"}
 def key_sets() -> dict[str, set[str] | frozenset[str]]:
     """Every ``_*_KEYS`` set of balancer/config.py: the keys the loader accepts."""
     found = {name: value for name, value in vars(config_module).items()
-             if re.fullmatch(r"_[A-Z]+_KEYS", name) and isinstance(value, (set, frozenset))}
+             if re.fullmatch(r"_[A-Z][A-Z_]*_KEYS", name) and isinstance(value, (set, frozenset))}
     assert "_TOP_KEYS" in found and "_POOL_KEYS" in found, sorted(found)
     return found
 
@@ -277,6 +284,13 @@ def test_documented_defaults_are_what_the_loader_uses() -> None:
     assert checked >= 25, f"only {checked} defaults checked: did the tables' columns change?"
 
 
+def test_the_guard_is_described_with_its_real_numbers() -> None:
+    text = " ".join(section(CONFIGURATION, "`guard`").split())
+    assert f"{guard.REQUESTS:,} varied" in text
+    assert f"{guard.CONCURRENCY} in flight" in text
+    assert f"{guard.TOLERANCE * 100:g} points of tolerance" in text
+
+
 # --------------------------------------------------------------------------- (2) yaml blocks
 
 
@@ -332,19 +346,17 @@ def _expectation(text: str) -> tuple[int, list[tuple[str, str]]]:
     """From a block's comments: the exit code ``check`` should give, and the lines its stderr
     must contain (``# refused: LINE`` → 1; ``# warning: LINE`` → 0; neither → 0, and silent).
     ``...`` in a LINE matches anything (simulated shares vary with the backends' addresses)."""
-    wanted = [(m.group(1).lower(), m.group(2).strip())
-              for m in re.finditer(r"^#\s*(refused|warning):\s*(.+)$", text, re.MULTILINE | re.IGNORECASE)]
+    comment = re.compile(r"^#\s*(refused|warning):\s*(.+)$", re.MULTILINE | re.IGNORECASE)
+    wanted = [(m.group(1).lower(), m.group(2).strip()) for m in comment.finditer(text)]
     return (1 if any(kind == "refused" for kind, _ in wanted) else 0), wanted
 
 
 def test_every_full_config_in_the_docs_gets_the_documented_verdict(tmp_path: Path) -> None:
     blocks = [(doc, b) for doc, b in yaml_blocks() if _is_full(yaml.safe_load(b.text))]
     assert len(blocks) >= 4, "the docs lost their complete examples"
-    files = []
-    for n, (doc, block) in enumerate(blocks):
-        path = tmp_path / f"{doc.stem}-{block.line}.yaml"
+    files = [tmp_path / f"{doc.stem}-{block.line}.yaml" for doc, block in blocks]
+    for path, (_, block) in zip(files, blocks):
         path.write_text(block.text, encoding="utf-8")
-        files.append(path)
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda p: run_cli("check", "-c", str(p)), files))
     for (doc, block), result in zip(blocks, results):
@@ -473,7 +485,7 @@ class Incident:
     def start(self) -> None:
         self.thread.start()
         try:
-            self.call(self._start())
+            self.call(self._start(), timeout=120)
         except BaseException:
             self.stop()
             raise
@@ -580,7 +592,10 @@ def incident(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Incident]:
         page.stop()
 
 
-def run_block(block: Block, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_block(block: Block, env: dict[str, str],
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``block`` as bash does a pasted script that stops at the first failing command, with
+    the runbook's variables and this interpreter's ``balancer`` first on PATH."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.text],
                           env={**os.environ, **env, "PATH": path}, capture_output=True,
