@@ -43,7 +43,7 @@ from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection, 
 if TYPE_CHECKING:
     from balancer.proxy import ClientConnection
 
-__all__ = ["Exchange", "Reject", "IDEMPOTENT", "REPLAY_LIMIT", "P_UPSTREAM", "P_BUFFER", "now"]
+__all__ = ["Deadlines", "Exchange", "Reject", "IDEMPOTENT", "REPLAY_LIMIT", "P_UPSTREAM", "P_BUFFER", "now"]
 
 log = logging.getLogger("balancer.proxy")
 
@@ -109,6 +109,46 @@ def error_response(status: int, request_id: bytes, detail: str, close: bool,
     return head.encode("latin-1") + b"\r\n" + body
 
 
+class Deadlines:
+    """The read deadlines of requests waiting for a backend, checked by one periodic sweep.
+
+    Cheaper than a timer per request (a set add and discard instead of scheduling and
+    cancelling a TimerHandle, for every request); a deadline fires up to ``interval`` late.
+    """
+
+    __slots__ = ("waiting", "interval", "_handle")
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.waiting: set[Exchange] = set()
+        self.interval = interval
+        self._handle: asyncio.TimerHandle | None = None
+
+    def watch(self, ex: Exchange) -> None:
+        self.waiting.add(ex)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
+
+    def forget(self, ex: Exchange) -> None:
+        self.waiting.discard(ex)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        t = now()
+        for ex in [ex for ex in self.waiting if ex.deadline <= t]:
+            self.waiting.discard(ex)
+            try:
+                ex.read_deadline()
+            except Exception:
+                log.exception("bug while timing out %r", ex)
+        if self.waiting:
+            self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Exchange:
     """One request and its answer."""
 
@@ -123,7 +163,7 @@ class Exchange:
         "pending", "pending_size", "replay", "replay_size", "replayable",
         # Forwarding
         "pool", "head", "ctx", "tried", "attempts", "backend", "backend_name", "upstream",
-        "sent", "stale_retry", "last_error", "timer", "timer_mark", "task", "started",
+        "sent", "stale_retry", "last_error", "deadline", "timer_mark", "task", "started",
         # The answer
         "status", "out", "out_framing", "head_built", "committed", "close", "abort",
         "bytes_out", "finished", "client_gone",
@@ -162,7 +202,7 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.sent = self.stale_retry = self.started = False
         self.last_error = ""
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # > 0 while watched by the Deadlines sweep
         self.timer_mark = 0
         self.task: asyncio.Task[None] | None = None
         self.status = 0
@@ -252,7 +292,7 @@ class Exchange:
                     self._no_backend(exc.reason)
                 return
             if self.finished:  # the client left while we waited
-                pool.finish(backend)
+                pool.release(backend)
                 return
             self._use(backend)
         except Exception:
@@ -387,17 +427,18 @@ class Exchange:
             self._connect_failed("connection closed before the request was sent")
 
     def _arm_timer(self) -> None:
+        """Wait at most ``timeouts.read`` for the next bytes of the answer."""
         up = self.upstream
         assert up is not None and self.pool is not None
         self.timer_mark = up.received
-        self.timer = asyncio.get_running_loop().call_later(
-            self.pool.config.timeouts.read, self._read_timeout)
+        self.deadline = now() + self.pool.config.timeouts.read
+        self.conn.state.deadlines.watch(self)
 
-    def _read_timeout(self) -> None:
+    def read_deadline(self) -> None:
         """``timeouts.read`` passed: if no byte came meanwhile, give up on this backend."""
-        self.timer = None
         up = self.upstream
         if up is None or self.finished:
+            self._cancel_timer()
             return
         if up.received != self.timer_mark:
             self._arm_timer()  # bytes came: wait another full period from now
@@ -405,9 +446,9 @@ class Exchange:
         self._broke(up, "timeout", f"no answer within {self.pool.config.timeouts.read:g}s")  # type: ignore
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline:
+            self.deadline = 0.0
+            self.conn.state.deadlines.forget(self)
 
     # --- the answer (upstream.ResponseSink) ----------------------------------------------
 
@@ -559,6 +600,9 @@ class Exchange:
             return
         self.backend = None
         self.backend_name = backend.name
+        if status == 0 and error is None:  # the client left or was refused: nothing to count
+            self.pool.release(backend)  # type: ignore[union-attr]
+            return
         if latency is ...:
             latency = self.t_head - self.t_sent if self.t_head else None
         self.pool.finish(backend, status=status, latency=latency, error=error)  # type: ignore
@@ -628,14 +672,22 @@ class Exchange:
         if self.counted:
             conn.state.in_flight -= 1
         if self.settings.access_log and accesslog.enabled():
-            t = now()
-            accesslog.write(
-                self.rid or b"-", conn.client_ip, self.method, self.url,
-                self.pool.name if self.pool is not None else None, self.backend_name,
-                499 if self.client_gone and not self.committed else self.status,
-                self.t_head - self.t_sent if self.t_head else None,
-                t - self.t_start if self.t_start else 0.0, self.bytes_out)
+            try:
+                self._log()
+            except Exception:  # a failing log handler must not wedge the connection
+                try:
+                    log.exception("access log failed")
+                except Exception:
+                    pass
         conn.exchange_done(self)
+
+    def _log(self) -> None:
+        accesslog.write(
+            self.rid or b"-", self.conn.client_ip, self.method, self.url,
+            self.pool.name if self.pool is not None else None, self.backend_name,
+            499 if self.client_gone and not self.committed else self.status,
+            self.t_head - self.t_sent if self.t_head else None,
+            now() - self.t_start if self.t_start else 0.0, self.bytes_out)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.task = asyncio.get_running_loop().create_task(coro)

@@ -22,9 +22,9 @@ from typing import Callable
 from httptools import (HttpParserError, HttpParserInvalidMethodError,
                        HttpParserInvalidURLError, HttpParserUpgrade, HttpRequestParser)
 
-from balancer.exchange import P_BUFFER, P_UPSTREAM, Exchange, Reject, now
+from balancer.exchange import P_BUFFER, P_UPSTREAM, Deadlines, Exchange, Reject, now
 from balancer.router import Router, host_without_port
-from balancer.upstream import connection_tokens
+from balancer.upstream import HeaderKinds, connection_tokens
 
 __all__ = ["ClientConnection", "ProxySettings", "ProxyState", "protocol_factory"]
 
@@ -38,17 +38,17 @@ PIPELINE_DEPTH = 16
 #: them, so that the client reads our answer rather than a reset.
 LINGER = 2.0
 
-# Request headers handled rather than copied as they are. Hop-by-hop ones are dropped
-# (RFC 9110 §7.6.1); the X-Forwarded-* pair and Via are set by us.
-H_DROP, H_HOST, H_CONNECTION, H_TE, H_UPGRADE, H_XFF, H_RID, H_EXPECT, H_LENGTH = range(9)
-_REQUEST_HEADERS: dict[bytes, int] = {
+# Request headers handled rather than copied as they are (0: copied). Hop-by-hop ones are
+# dropped (RFC 9110 §7.6.1); X-Forwarded-*, X-Request-ID and Via are set by us.
+H_PASS, H_DROP, H_HOST, H_CONNECTION, H_TE, H_UPGRADE, H_XFF, H_RID, H_EXPECT, H_LENGTH = range(10)
+_REQUEST_HEADERS = HeaderKinds({
     b"host": H_HOST, b"connection": H_CONNECTION, b"keep-alive": H_DROP,
     b"proxy-connection": H_DROP, b"te": H_DROP, b"trailer": H_DROP,
     b"transfer-encoding": H_TE, b"upgrade": H_UPGRADE, b"proxy-authorization": H_DROP,
     b"proxy-authenticate": H_DROP, b"x-forwarded-for": H_XFF, b"x-forwarded-proto": H_DROP,
     b"x-forwarded-host": H_DROP, b"x-request-id": H_RID, b"expect": H_EXPECT,
     b"content-length": H_LENGTH,
-}
+})
 _METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 
 
@@ -82,7 +82,7 @@ class ProxyState:
     """Shared by every client connection; the app swaps ``router``/``settings`` on reload
     (one assignment each). A request reads both when it arrives and keeps them to its end."""
 
-    __slots__ = ("router", "settings", "connections", "in_flight", "draining")
+    __slots__ = ("router", "settings", "connections", "in_flight", "draining", "deadlines")
 
     def __init__(self, router: Router, settings: ProxySettings) -> None:
         self.router = router
@@ -90,6 +90,7 @@ class ProxyState:
         self.connections: set[ClientConnection] = set()  # open client connections
         self.in_flight = 0  # requests between their head and the end of their answer
         self.draining = False
+        self.deadlines = Deadlines()  # read timeouts of requests waiting for a backend
 
     def begin_drain(self) -> None:
         """Stop keep-alive: close idle client connections now, busy ones after their answer."""
@@ -242,8 +243,8 @@ class ClientConnection(asyncio.Protocol):
         headers.append((name, value))
         if len(headers) > ex.settings.max_headers:
             raise Reject(431, "too many header fields")
-        kind = _REQUEST_HEADERS.get(name.lower())
-        if kind is None:
+        kind = _REQUEST_HEADERS[name]
+        if not kind:
             ex.lines.append(name + b": " + value + b"\r\n")
         elif kind == H_HOST:
             if ex.host_raw is not None:

@@ -25,7 +25,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 if TYPE_CHECKING:
     from balancer.backend import Backend
 
-__all__ = ["BadResponse", "UpstreamConnection", "connection_tokens", "UpstreamPool", "ResponseSink", "IDLE_TIMEOUT",
+__all__ = ["BadResponse", "HeaderKinds", "UpstreamConnection", "connection_tokens", "UpstreamPool", "ResponseSink", "IDLE_TIMEOUT",
            "MAX_IDLE"]
 
 log = logging.getLogger("balancer.upstream")
@@ -39,14 +39,33 @@ IDLE_TIMEOUT = 4.0
 # Response framing, as the backend sent it.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 
+class HeaderKinds(dict):  # type: ignore[type-arg]
+    """Header name, as spelled on the wire → what to do with it (0: pass it on).
+
+    Looked up by the exact bytes received, so the common spellings cost one dict lookup and no
+    ``lower()``; a new spelling is classified case-insensitively once and remembered.
+    """
+
+    def __init__(self, table: dict[bytes, int]) -> None:
+        super().__init__()
+        self.table = table
+
+    def __missing__(self, name: bytes) -> int:
+        kind = self.table.get(name.lower(), 0)
+        if len(self) < 4096:  # a bound against clients inventing spellings
+            self[name] = kind
+        return kind
+
+
 # Response headers that never go to the client as received: hop-by-hop ones (RFC 9110 §7.6.1),
-# the framing we redo ourselves, and the request id we set. Value: 1 = drop, 2 = Connection
-# (drop, and drop what it names), 3 = Content-Length (kept, framing), 4 = Transfer-Encoding.
-_RESPONSE_HEADERS: dict[bytes, int] = {
-    b"connection": 2, b"keep-alive": 1, b"proxy-connection": 1, b"te": 1, b"trailer": 1,
-    b"transfer-encoding": 4, b"upgrade": 1, b"proxy-authenticate": 1,
-    b"proxy-authorization": 1, b"x-request-id": 1, b"content-length": 3,
-}
+# the framing we redo ourselves, and the request id we set.
+R_PASS, R_DROP, R_CONNECTION, R_LENGTH, R_CODING = range(5)
+_RESPONSE_HEADERS = HeaderKinds({
+    b"connection": R_CONNECTION, b"keep-alive": R_DROP, b"proxy-connection": R_DROP,
+    b"te": R_DROP, b"trailer": R_DROP, b"transfer-encoding": R_CODING, b"upgrade": R_DROP,
+    b"proxy-authenticate": R_DROP, b"proxy-authorization": R_DROP, b"x-request-id": R_DROP,
+    b"content-length": R_LENGTH,
+})
 
 
 class BadResponse(Exception):
@@ -221,17 +240,18 @@ class UpstreamConnection(asyncio.Protocol):
                 self.trailers = []
             self.trailers.append(name + b": " + value + b"\r\n")
             return
-        kind = _RESPONSE_HEADERS.get(name.lower())
-        if kind is None or kind == 3:
+        kind = _RESPONSE_HEADERS[name]
+        if not kind:
             self.lines.append(name + b": " + value + b"\r\n")
-            if kind == 3:
-                self.framing = LENGTH
-        elif kind == 4:
+        elif kind == R_LENGTH:
+            self.lines.append(name + b": " + value + b"\r\n")
+            self.framing = LENGTH
+        elif kind == R_CODING:
             if value.strip().lower() != b"chunked":
                 # Only chunked is implemented; passing other codings on would mislabel the body.
                 raise BadResponse(f"unsupported transfer-coding {value.decode('latin-1')!r}")
             self.framing = CHUNKED
-        elif kind == 2:
+        elif kind == R_CONNECTION:
             self.named = connection_tokens(value, self.named)
 
     def on_headers_complete(self) -> None:

@@ -102,3 +102,87 @@ def refused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Response:
+    """A response read off a raw connection: status, headers (lowercased names), body."""
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name.lower()), None)
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name.lower()]
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.headers} {self.body[:80]!r}>"
+
+
+class RawClient:
+    """One client connection spoken to byte by byte (pipelining, framing, Expect)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, head_only: bool = False, timeout: float = 5.0) -> Response:
+        """Read one response; ``head_only`` for answers to HEAD (no body whatever they say)."""
+        return await asyncio.wait_for(self._response(head_only), timeout)
+
+    async def _response(self, head_only: bool) -> Response:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = [(k.strip().lower(), v.strip())
+                   for k, _, v in (line.partition(":") for line in lines[1:] if line)]
+        found = dict(headers)
+        if head_only or status in (204, 304) or 100 <= status < 200:
+            return Response(status, headers, b"")
+        if "content-length" in found:
+            body = await self.reader.readexactly(int(found["content-length"]))
+        elif found.get("transfer-encoding") == "chunked":
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readuntil(b"\r\n")  # no trailers in these tests
+                    break
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            body = b"".join(parts)
+        else:
+            body = await self.reader.read()  # until the connection closes
+        return Response(status, headers, body)
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has closed the connection (EOF or reset)."""
+        try:
+            return await asyncio.wait_for(self.reader.read(1), timeout) == b""
+        except ConnectionError:
+            return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
