@@ -25,8 +25,8 @@ from balancer.config import parse_config
 from balancer.monitor import Monitor
 from balancer.pool import Pool
 from tests.support.net import free_port
+from tests.support.traffic import Traffic
 from tests.test_admin import LiveBackend, balancer_config, running, two_backend_pool
-from tests.test_lifecycle import Traffic
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed "

@@ -29,7 +29,7 @@ from balancer.discovery import MIN_INTERVAL, expand, next_delay
 from tests.support.dns import DNSServer
 from tests.support.net import free_port, run_app
 from tests.support.proc import run_cli, write_config
-from tests.test_lifecycle import Traffic
+from tests.support.traffic import Traffic, until
 
 WAIT = 10.0
 NAME = "web.balancer.test"
@@ -124,15 +124,6 @@ async def running(tmp_path: Path, data: dict[str, Any]) -> AsyncIterator[App]:
         yield app
     finally:
         await app.drain(2.0)
-
-
-async def until(predicate: Any, what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"no {what} within {WAIT}s") from None
 
 
 def addresses(app: App) -> set[str]:

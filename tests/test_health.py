@@ -18,6 +18,7 @@ from balancer.config import parse_config
 from balancer.health import HealthChecker
 from balancer.pool import Pool
 from tests.support.net import free_port, run_app
+from tests.support.traffic import Traffic
 from tests.test_admin import (
     LiveBackend,
     Running,
@@ -25,7 +26,6 @@ from tests.test_admin import (
     running,
     two_backend_pool,
 )
-from tests.test_lifecycle import Traffic
 from tests.test_monitor import Clock
 
 INTERVAL = 0.2

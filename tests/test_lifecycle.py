@@ -12,7 +12,7 @@ import signal
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,6 +21,7 @@ from aiohttp import web
 from balancer.app import App
 from tests.support.net import free_port, name_app, run_app
 from tests.support.proc import BalancerProcess, pool_config, write_config
+from tests.support.traffic import Traffic
 
 WAIT = 10.0
 
@@ -45,50 +46,6 @@ def _config(listen: int, ports: list[int], weights: dict[int, int] | None = None
             b["weight"] = weights[port]
     return {"listen": f"127.0.0.1:{listen}", "admin": f"127.0.0.1:{free_port()}",
             "pools": {"web": pool}, **top}
-
-
-class Traffic:
-    """Clients that keep sending requests until stopped, counting who answered and failures."""
-
-    def __init__(self, port: int, workers: int = 4) -> None:
-        self.url = f"http://127.0.0.1:{port}/"
-        self.workers = workers
-        self.seen: Counter[str] = Counter()
-        self.total = 0
-        self.failures: list[str] = []
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT))
-        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        await asyncio.wait_for(asyncio.gather(*self._tasks), WAIT)
-        await self._session.close()
-
-    async def _worker(self) -> None:
-        while not self._stop.is_set():
-            try:
-                async with self._session.get(self.url) as r:
-                    body = await r.text()
-                    if r.status != 200:
-                        self.failures.append(f"{r.status} {body[:200]}")
-                    else:
-                        self.seen[body] += 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self.failures.append(repr(exc))
-            self.total += 1
-
-    async def sample(self, n: int) -> Counter[str]:
-        """Who answered the next ``n`` successful requests (bounded wait)."""
-        self.seen.clear()
-        async with asyncio.timeout(WAIT):
-            while sum(self.seen.values()) < n:
-                await asyncio.sleep(0.01)
-        return Counter(self.seen)
 
 
 class SlowBackend:

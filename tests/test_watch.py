@@ -22,8 +22,7 @@ from balancer.app import App
 from balancer.watch import ConfigWatcher
 from tests.support.net import free_port, name_app, run_app
 from tests.support.proc import BalancerProcess, pool_config
-from tests.test_discovery import until
-from tests.test_lifecycle import Traffic
+from tests.support.traffic import Traffic, until
 
 #: Poll interval for the in-process watcher (the CLI's is the default, 1 s).
 FAST = 0.1
