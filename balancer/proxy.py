@@ -507,17 +507,17 @@ class ClientConnection(asyncio.Protocol):
             self.lingering = _NOT_READING  # read no more requests
         if ex is not None and ex.counted:  # queued already: refused in its body
             ex.refuse_late(status, detail)
-            return
-        if ex is None:
-            ex = Exchange(self)
-        ex.reject = (status, detail)
-        if self.current is None:
-            self.current = ex
-            self._pump()
-        elif self.backlog is None:
-            self.backlog = [ex]
         else:
-            self.backlog.append(ex)
+            if ex is None:
+                ex = Exchange(self)
+            ex.reject = (status, detail)
+            if self.current is None:
+                self.current = ex
+            elif self.backlog is None:
+                self.backlog = [ex]
+            else:
+                self.backlog.append(ex)
+        self._pump()  # requests parsed before it (in this read too) are answered first
 
     def _linger(self) -> None:
         """Close after an answer while the client may still be sending: half-close, drop what
