@@ -304,6 +304,10 @@ class ClientConnection(asyncio.Protocol):
         self.state.in_flight += 1
         if parser.should_upgrade():
             self.upgrading = ex
+        self._enqueue(ex)
+
+    def _enqueue(self, ex: Exchange) -> None:
+        """``ex`` is answered after the requests before it on this connection."""
         if self.current is None:
             self.current = ex
         elif self.backlog is None:
@@ -511,12 +515,7 @@ class ClientConnection(asyncio.Protocol):
             if ex is None:
                 ex = Exchange(self)
             ex.reject = (status, detail)
-            if self.current is None:
-                self.current = ex
-            elif self.backlog is None:
-                self.backlog = [ex]
-            else:
-                self.backlog.append(ex)
+            self._enqueue(ex)
         self._pump()  # requests parsed before it (in this read too) are answered first
 
     def _linger(self) -> None:
