@@ -152,31 +152,36 @@ class ClientConnection(asyncio.Protocol):
         self.state.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.splice is not None:
-            self.splice.client_raw(data)
-            return
-        if self.held is not None:
-            self._hold(data)
-            return
-        if self.lingering is not None:
-            return
-        parsing = self.parsing
-        if parsing is not None and not parsing.headers_done:
-            # A head split over reads: bound what httptools buffers before a field completes.
-            end = data.find(b"\r\n\r\n")
-            self.head_raw -= len(data) if end < 0 else end
-            if self.head_raw < 0:
-                self._refuse(431, "request header fields too large")
-                return
         try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as exc:
-            if not self._upgraded(data[exc.args[0]:]):
+            if self.splice is not None:
+                self.splice.client_raw(data)
                 return
-        except HttpParserError as exc:
-            self._parse_error(exc, data)
-            return
-        self._after_feed()
+            if self.held is not None:
+                self._hold(data)
+                return
+            if self.lingering is not None:
+                return
+            parsing = self.parsing
+            if parsing is not None and not parsing.headers_done:
+                # A head split over reads: bound what httptools buffers before a field ends.
+                end = data.find(b"\r\n\r\n")
+                self.head_raw -= len(data) if end < 0 else end
+                if self.head_raw < 0:
+                    self._refuse(431, "request header fields too large")
+                    return
+            try:
+                self.parser.feed_data(data)
+            except HttpParserUpgrade as exc:
+                if not self._upgraded(data[exc.args[0]:]):
+                    return
+            except HttpParserError as exc:
+                self._parse_error(exc, data)
+                return
+            self._after_feed()
+        except Exception:  # a bug must cost this connection, never the proxy or its state
+            log.exception("bug while serving %s; connection dropped", self.client_ip)
+            if self.transport is not None:
+                self.transport.abort()
 
     def _after_feed(self) -> None:
         ex = self.current
@@ -189,7 +194,13 @@ class ClientConnection(asyncio.Protocol):
             self.check_buffers()
 
     def eof_received(self) -> bool | None:
-        return None  # a client that half-closes is done: close, as nginx does
+        """The client will send no more. Idle: close. Else answer what it asked, then close
+        (some clients half-close after their request and wait for the answer)."""
+        if self.current is None and not self.backlog or self.splice is not None:
+            return None
+        self.closing = True
+        self.parsing = None
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.connections.discard(self)

@@ -195,7 +195,11 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 sink.upstream_failed("protocol", f"invalid response: {exc}")
             return
-        sink.upstream_data_done()
+        try:
+            sink.upstream_data_done()
+        except Exception:  # a bug must cost this request, not leave it hanging
+            log.exception("bug while relaying a response from %s", self.upstream.backend.url)
+            sink.upstream_failed("protocol", "internal error")
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
@@ -372,6 +376,9 @@ class UpstreamPool:
             if conn.transport is not None:
                 conn.transport.close()
             return
+        transport = conn.transport
+        if not transport.is_reading():  # type: ignore[union-attr]
+            transport.resume_reading()  # paused for a slow client: idle, it must see a close
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         conn.idle_since = loop.time()

@@ -564,3 +564,16 @@ async def test_access_log_off_writes_nothing(special: tuple[int, Any],
         async with s.get(px.url + "/") as r:
             assert r.status == 200
     assert not [rec for rec in caplog.records if rec.name == "balancer.access"]
+
+
+async def test_client_that_half_closes_after_its_request_gets_the_answer(
+        special: tuple[int, Any]) -> None:
+    port, _ = special
+    async with run_proxy({"pools": {"web": pool_of(port)}}) as px:
+        async with await RawClient.open(px.port) as c:
+            await c.send(b"GET /slow?delay=0.1 HTTP/1.1\r\nHost: h\r\n\r\n")
+            c.writer.write_eof()
+            r = await c.response()
+            assert (r.status, r.body) == (200, b"s1")
+            assert r.header("connection") == "close"
+            assert await c.closed()
