@@ -12,6 +12,7 @@ from balancer.backend import Backend
 from balancer.config import GuardConfig, parse_config
 from balancer.monitor import Monitor, wilson_lower
 from balancer.pool import Pool
+from tests.support.traffic import Traffic
 from tests.test_admin import (
     LiveBackend,
     Running,
@@ -19,7 +20,6 @@ from tests.test_admin import (
     running,
     two_backend_pool,
 )
-from tests.test_lifecycle import Traffic
 
 GUARD = GuardConfig(max_share=0.5, live_margin=0.05, live_window=10.0, live_min_requests=100)
 
