@@ -59,8 +59,11 @@ def _timestamp(now: float) -> str:
     sec = int(now)
     if sec != _second:
         _second = sec
-        _stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_stamp}.{int((now - sec) * 1000):03d}Z"
+        _stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+    return _stamp + _MILLIS[int((now - sec) * 1000)]
+
+
+_MILLIS = [f"{ms:03d}Z" for ms in range(1001)]
 
 
 def _name(value: str | None) -> str:
@@ -81,13 +84,28 @@ def _text(value: bytes) -> str:
     return json.dumps(value.decode("latin-1"))
 
 
+def _method(value: bytes) -> str:
+    quoted = _methods.get(value)
+    if quoted is None:
+        quoted = _text(value)
+        if len(_methods) < 64:
+            _methods[value] = quoted
+    return quoted
+
+
+_methods: dict[bytes, str] = {}
+
+
 def write(request_id: bytes, client: str, method: bytes, target: bytes, pool: str | None,
           backend: str | None, status: int, upstream_time: float | None, total_time: float,
           bytes_sent: int) -> None:
-    """Log one finished request. Times in seconds; ``status`` 499: the client went away."""
+    """Log one finished request. Times in seconds; ``status`` 499: the client went away.
+
+    ``request_id`` must be JSON-safe as it is (the proxy only keeps ids of ``[A-Za-z0-9._:+/=@-]``).
+    """
     now = time.time()
-    line = (f'{{"time":"{_timestamp(now)}","request_id":{_text(request_id)},'
-            f'"client":"{client}","method":{_text(method)},"path":{_text(target)},'
+    line = (f'{{"time":"{_timestamp(now)}","request_id":"{request_id.decode("ascii")}",'
+            f'"client":"{client}","method":{_method(method)},"path":{_text(target)},'
             f'"pool":{_name(pool)},"backend":{_name(backend)},"status":{status},'
             f'"upstream_time":{"null" if upstream_time is None else f"{upstream_time:.6f}"},'
             f'"total_time":{total_time:.6f},"bytes":{bytes_sent}}}')

@@ -577,3 +577,20 @@ async def test_client_that_half_closes_after_its_request_gets_the_answer(
             assert (r.status, r.body) == (200, b"s1")
             assert r.header("connection") == "close"
             assert await c.closed()
+
+
+async def test_finished_requests_leave_nothing_behind(special: tuple[int, Any]) -> None:
+    import gc
+
+    from balancer.exchange import Exchange
+
+    port, _ = special
+    async with run_proxy({"pools": {"web": pool_of(port)}}) as px, aiohttp.ClientSession() as s:
+        for path in ("/", "/echo", "/status/204", "/nowhere", "/download?size=100000"):
+            for _ in range(20):
+                async with s.get(px.url + path) as r:
+                    await r.read()
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, Exchange)]
+        assert alive == []
+        assert px.state.in_flight == 0 and not px.state.deadlines.waiting
