@@ -2,8 +2,9 @@
 # the same checks); these are the commands a person types.
 PYTHON ?= python3
 COMPOSE ?= docker compose
+N ?= 3
 
-.PHONY: help demo image up down logs demo-break stack stack-check deploy-check lint-docker
+.PHONY: help demo image up down logs scale demo-break stack stack-check deploy-check lint-docker
 
 help:  ## this list
 	@awk -F':.*## ' '/^[a-z-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,6 +24,9 @@ down:  ## stop the demo stack
 
 logs:  ## follow balancer's log in the demo stack
 	$(COMPOSE) logs -f balancer
+
+scale:  ## run N web replicas (make scale N=5); balancer's pool follows by DNS discovery
+	$(COMPOSE) up -d --scale web=$(N)
 
 demo-break:  ## apply a concentrated config to the running stack: refused, the stack keeps serving
 	bash deploy/demo-break.sh

@@ -40,7 +40,7 @@ serve() {  # $REQUESTS requests through the proxy: each must be 200; at least tw
 echo "== before: the stack serves, spread over the pool"
 serve
 
-echo "== a maintenance change drains all but one backend ($BROKEN_CONFIG)"
+echo "== a maintenance change drains the web fleet and pins one replica ($BROKEN_CONFIG)"
 cat "$BROKEN_CONFIG" > "$LIVE_CONFIG"
 
 echo "== POST $ADMIN_URL/reload"

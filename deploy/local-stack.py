@@ -2,14 +2,21 @@
 """The demo stack's topology as local processes, for machines without Docker.
 
 It starts what docker-compose.yml starts, from the same files, with only the addresses rewritten
-to free ports on 127.0.0.1: three demo web backends (the compose web service's own command, one
-process each), balancer (``balancer run`` on deploy/compose/balancer.yaml) and Prometheus
-(Debian's ``prometheus``) on deploy/prometheus/prometheus.yml with config/alerts.yml loaded.
+to loopback: the web service's replicas (its own command, one process each, on 127.0.0.2,
+127.0.0.3, ... and one shared free port, as compose gives each container its own address),
+balancer (``balancer run`` on deploy/compose/balancer.yaml) and Prometheus (Debian's
+``prometheus``) on deploy/prometheus/prometheus.yml with config/alerts.yml loaded. Docker's
+embedded DNS is played by the loopback DNS server of the discovery tests (tests/support/dns.py;
+it and the live-traffic client come from tests/support rather than as copies, since this script
+runs from a checkout with the test extras, as the tests do): it answers ``web`` with every
+running replica's address and each container name with its own, and the config's
+``discovery: dns`` entry asks it through a ``resolver:`` line.
 
-Then it drives traffic that touches every counter (steady requests, a backend killed and
-restarted, an overload burst, an applied and a refused reload via deploy/demo-break.sh) and
-checks the wiring for real:
+Then it drives traffic that touches every counter (steady requests, the web service scaled from
+3 to 4 replicas and back under load, a backend killed and restarted, an overload burst, an
+applied and a refused reload via deploy/demo-break.sh) and checks the wiring for real:
 
+- DNS discovery follows the scaling with no failed request;
 - Prometheus scrapes balancer;
 - every rule of config/alerts.yml is loaded and evaluates without error;
 - every query of the Grafana dashboards returns data, and names only metrics balancer exports;
@@ -43,11 +50,19 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+try:
+    from tests.support.dns import DNSServer
+    from tests.support.traffic import Traffic
+except ImportError as exc:  # dnslib is a test extra
+    sys.exit(f"local-stack: {exc}: run it from a checkout after pip install -e '.[test]'")
+
 COMPOSE = ROOT / "docker-compose.yml"
 STACK_CONFIG = ROOT / "deploy" / "compose" / "balancer.yaml"
 BROKEN_CONFIG = ROOT / "deploy" / "concentrated.yaml"
@@ -59,6 +74,9 @@ DEMO_BREAK = ROOT / "deploy" / "demo-break.sh"
 #: What Grafana substitutes for the dashboards' variables, with every pool selected.
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$pool": ".*"}
 SCRAPE_INTERVAL = "1s"
+#: The TTL Docker's embedded DNS gives its answers; discovery re-resolves sooner anyway
+#: (resolve_interval), as it would in compose.
+DOCKER_DNS_TTL = 600
 _METRIC = re.compile(r"\bbalancer_[a-z_]+")
 
 
@@ -71,8 +89,12 @@ class Stack:
     """The running processes and where they listen."""
 
     tmp: Path
+    dns: DNSServer
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    web_ports: dict[str, int] = field(default_factory=dict)
+    #: compose container name (balancer-demo-web-1, ...) → its loopback address, for every
+    #: replica that runs and is in DNS.
+    replicas: dict[str, str] = field(default_factory=dict)
+    web_port: int = 0
     proxy_port: int = 0
     admin_port: int = 0
     prometheus_port: int = 0
@@ -92,6 +114,16 @@ class Stack:
     def prometheus(self) -> str:
         return f"http://127.0.0.1:{self.prometheus_port}"
 
+    def backend(self, container: str) -> str:
+        """The name balancer gives a replica it discovered: ``web@<address>:<port>``."""
+        return f"web@{self.replicas[container]}:{self.web_port}"
+
+    def publish(self) -> None:
+        """Tell DNS what Docker's DNS would: ``web`` is every replica, each container itself."""
+        for container, address in self.replicas.items():
+            self.dns.set(container, [address], ttl=DOCKER_DNS_TTL)
+        self.dns.set("web", list(self.replicas.values()), ttl=DOCKER_DNS_TTL)
+
     def check(self, ok: bool, what: str, detail: str = "") -> bool:
         print(f"  {'ok  ' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}", flush=True)
         if ok:
@@ -104,10 +136,19 @@ class Stack:
 # --------------------------------------------------------------------------- small helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(*also: str) -> int:
+    """A port free on 127.0.0.1 and on every address in ``also``."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        try:
+            for host in also:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
 
 
 async def until(what: str, probe: Callable[[], Awaitable[Any]], timeout: float,
@@ -169,26 +210,42 @@ def scrape_value(text: str, metric: str, **labels: str) -> float | None:
 # --------------------------------------------------------------------------- the topology
 
 
+def web_service() -> dict[str, Any]:
+    return dict(yaml.safe_load(COMPOSE.read_text())["services"]["web"])
+
+
 def web_command() -> list[str]:
     """The compose web service's entrypoint: the same demo backend, run here."""
-    services = yaml.safe_load(COMPOSE.read_text())["services"]
-    cmd = list(services["web1"]["entrypoint"])
+    cmd = list(web_service()["entrypoint"])
     if cmd[0] == "python":
         cmd[0] = sys.executable
     return cmd
 
 
+def container_names(count: int) -> list[str]:
+    """What compose names the web service's containers: <project>-web-1, -2, ..."""
+    project = yaml.safe_load(COMPOSE.read_text())["name"]
+    return [f"{project}-web-{i}" for i in range(1, count + 1)]
+
+
 def local_config(source: Path, stack: Stack) -> dict[str, Any]:
-    """A compose config with compose service names and ports swapped for local addresses."""
+    """A compose config made local: its own ports, the local DNS as resolver, and every web
+    backend on the replicas' port (a name it discovers stays a name, for the local DNS to
+    answer; a container named outright becomes its address, as Docker's DNS would make it)."""
     data = yaml.safe_load(source.read_text())
     data["listen"] = f"127.0.0.1:{stack.proxy_port}"
     data["admin"] = f"127.0.0.1:{stack.admin_port}"
+    data["resolver"] = [stack.dns.nameserver]
     for pool in data["pools"].values():
         for backend in pool["backends"]:
-            host = re.match(r"https?://([^:/]+)", backend["url"])
-            if host is None or host.group(1) not in stack.web_ports:
-                raise StackError(f"{source}: backend {backend['url']} is not a compose web service")
-            backend["url"] = f"http://127.0.0.1:{stack.web_ports[host.group(1)]}"
+            host = urlsplit(backend["url"]).hostname
+            if backend.get("discovery") == "dns" and host == "web":
+                backend["url"] = f"http://web:{stack.web_port}"
+            elif host in stack.replicas:
+                backend["url"] = f"http://{stack.replicas[host]}:{stack.web_port}"
+            else:
+                raise StackError(f"{source}: backend {backend['url']} is neither the compose web "
+                                 f"service nor one of its containers")
     return data
 
 
@@ -207,9 +264,20 @@ def prometheus_config(stack: Stack, stack_admin_port: int) -> dict[str, Any]:
     return prom
 
 
-def start_web(stack: Stack, name: str) -> None:
-    env = {"NAME": name, "HOST": "127.0.0.1", "PORT": str(stack.web_ports[name])}
-    spawn(stack, name, web_command(), env)
+def start_web(stack: Stack, container: str, address: str) -> None:
+    """One replica of the web service, answering as its address (as in compose) on it."""
+    env = {"NAME": address, "HOST": address, "PORT": str(stack.web_port)}
+    spawn(stack, container, web_command(), env)
+
+
+async def start_replica(stack: Stack, http: aiohttp.ClientSession, container: str,
+                        address: str, timeout: float) -> None:
+    """Start a replica and wait until it answers; then it is in DNS, as a started container."""
+    start_web(stack, container, address)
+    await until(f"{container} answering on {address}:{stack.web_port}",
+                partial(healthz, http, f"http://{address}:{stack.web_port}/healthz"), timeout)
+    stack.replicas[container] = address
+    stack.publish()
 
 
 async def bring_up(stack: Stack, http: aiohttp.ClientSession, timeout: float) -> None:
@@ -217,17 +285,18 @@ async def bring_up(stack: Stack, http: aiohttp.ClientSession, timeout: float) ->
     if prometheus is None:
         raise StackError("prometheus not found: apt-get install prometheus (Debian's package)")
     live = yaml.safe_load(STACK_CONFIG.read_text())
-    names = [b["name"] for pool in live["pools"].values() for b in pool["backends"]]
-    stack.web_ports = {name: free_port() for name in names}
+    replicas = int(web_service()["deploy"]["replicas"])
+    # One address more than the service starts with: room to scale up by one.
+    addresses = [f"127.0.0.{2 + i}" for i in range(replicas + 1)]
+    stack.web_port = free_port(*addresses)
     stack.proxy_port, stack.admin_port, stack.prometheus_port = free_port(), free_port(), free_port()
     stack.admin_token = live.get("admin_token")
+    stack.dns.start()
 
-    print(f"starting {len(names)} demo web backends, balancer and Prometheus in {stack.tmp}")
-    for name in names:
-        start_web(stack, name)
-    for name, port in stack.web_ports.items():
-        await until(f"{name} answering on :{port}",
-                    partial(healthz, http, f"http://127.0.0.1:{port}/healthz"), timeout)
+    print(f"starting DNS on {stack.dns.nameserver}, {replicas} demo web replicas, balancer and "
+          f"Prometheus in {stack.tmp}")
+    for container, address in zip(container_names(replicas), addresses):
+        await start_replica(stack, http, container, address, timeout)
 
     for source, target in ((STACK_CONFIG, "balancer.yaml"), (BROKEN_CONFIG, "concentrated.yaml")):
         (stack.tmp / target).write_text(yaml.safe_dump(local_config(source, stack),
@@ -274,26 +343,77 @@ async def requests(http: aiohttp.ClientSession, url: str, n: int, concurrency: i
     return statuses
 
 
+async def pool_backends(stack: Stack, http: aiohttp.ClientSession) -> set[str]:
+    """The backends of the pool ``web`` as balancer's /status lists them now."""
+    async with http.get(f"{stack.admin}/status") as resp:
+        doc = await resp.json()
+    return {b["name"] for b in doc["pools"]["web"]["backends"]}
+
+
+async def scale(stack: Stack, http: aiohttp.ClientSession, timeout: float) -> None:
+    """`docker compose up --scale web=N+1`, then back to N, under load: the new replica joins
+    and takes traffic, the one removed leaves DNS, drains, then stops; no request fails."""
+    before = dict(stack.replicas)
+    container = container_names(len(before) + 1)[-1]
+    address = f"127.0.0.{2 + len(before)}"
+    print(f"scale: web {len(before)} -> {len(before) + 1} -> {len(before)} replicas under load "
+          f"(DNS discovery)")
+    async with Traffic(stack.proxy_port, header="X-Backend") as load:
+        await start_replica(stack, http, container, address, timeout)
+        name = stack.backend(container)
+        await until(f"{name} in the pool and answering",
+                    lambda: joined(stack, http, load, name, address), timeout)
+        stack.check(True, f"scale up: {name} discovered, in the pool, answering")
+        del stack.replicas[container]
+        stack.dns.remove(container)
+        stack.publish()
+        await until(f"{name} out of the pool", lambda: left(stack, http, name), timeout)
+        stack.procs[container].send_signal(signal.SIGTERM)  # compose stops it: it has drained
+        code = await asyncio.to_thread(stack.procs[container].wait, 20)
+        mark = load.total
+        await until("more requests after the scale-down", lambda: settled(load, mark), timeout)
+    stack.check(not load.failures and stack.replicas == before,
+                f"scale down: {name} left the pool; {load.total} requests during the scaling, "
+                f"none failed", f"{len(load.failures)} failed: {load.failures[:3]}"
+                if load.failures else f"the replica exited {code}")
+
+
+async def joined(stack: Stack, http: aiohttp.ClientSession, load: Traffic, name: str,
+                 address: str) -> bool:
+    return name in await pool_backends(stack, http) and load.seen[address] > 0
+
+
+async def left(stack: Stack, http: aiohttp.ClientSession, name: str) -> bool:
+    return name not in await pool_backends(stack, http)
+
+
+async def settled(load: Traffic, mark: int) -> bool:
+    return load.total >= mark + 100
+
+
 async def drive_traffic(stack: Stack, http: aiohttp.ClientSession, timeout: float) -> None:
     print("traffic: steady requests")
     steady = await requests(http, f"{stack.proxy}/", 300, 8)
     stack.check(steady == {200: 300}, "300 requests through balancer, all 200", str(steady))
 
-    print("traffic: web3 killed, then restarted (upstream errors, health)")
-    victim = "web3"
+    await scale(stack, http, timeout)
+
+    victim = list(stack.replicas)[-1]
+    name = stack.backend(victim)
+    print(f"traffic: {victim} killed, then restarted (upstream errors, health)")
     stack.procs[victim].kill()
     stack.procs[victim].wait(timeout=10)
     during = await requests(http, f"{stack.proxy}/", 60, 4)
     stack.check(during == {200: 60}, f"60 requests while {victim} is down, all 200 (retried)",
                 str(during))
-    await until(f"{victim} out of rotation", lambda: backend_up(stack, http, victim, 0), timeout)
-    start_web(stack, victim)
-    await until(f"{victim} back in rotation", lambda: backend_up(stack, http, victim, 1), timeout)
-    stack.check(True, f"{victim} left rotation and came back")
+    await until(f"{name} out of rotation", lambda: backend_up(stack, http, name, 0), timeout)
+    start_web(stack, victim, stack.replicas[victim])
+    await until(f"{name} back in rotation", lambda: backend_up(stack, http, name, 1), timeout)
+    stack.check(True, f"{name} left rotation and came back")
 
     live = yaml.safe_load((stack.tmp / "balancer.yaml").read_text())
     (pool,) = live["pools"].values()
-    burst = len(pool["backends"]) * int(pool["max_connections"]) + 24
+    burst = len(stack.replicas) * int(pool["max_connections"]) + 24
     print(f"traffic: {burst} concurrent slow requests against max_connections "
           f"{pool['max_connections']} per backend (overload)")
     over = await requests(http, f"{stack.proxy}/slow?ms=1500", burst, burst)
@@ -421,7 +541,7 @@ async def tear_down(stack: Stack) -> None:
 
 async def main_async(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="balancer-stack-"))
-    stack = Stack(tmp=tmp)
+    stack = Stack(tmp=tmp, dns=DNSServer())
     started = time.monotonic()
     step = min(args.timeout / 4, 30.0)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
@@ -458,6 +578,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"  --- {name} log (last lines)\n{tail(stack, name)}")
         print("tearing down")
         await tear_down(stack)
+        stack.dns.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"local stack: {stack.passed} passed, {len(stack.failed)} failed "
           f"in {time.monotonic() - started:.0f}s")

@@ -3,7 +3,10 @@
 Each artifact is checked twice: by the tool that owns its format (hadolint, the compose-spec
 schema, the Kubernetes schemas, promtool for PromQL) and by wiring checks that read the files
 together, because a file can be valid and still point at a port, path or name nothing serves.
-The live half (a real scrape, real Prometheus queries) is tests/test_stack.py.
+The compose and Kubernetes configs discover their backends by DNS, so ``balancer check`` runs
+them against a real DNS server on loopback (tests/support/dns.py) standing in for Docker's and
+the cluster's, answering the service name with one address per replica.
+The live half (a real scrape, real Prometheus queries, scaling) is tests/test_stack.py.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 import pytest
 import yaml
 
-from balancer.config import load_config
+from balancer.cli import build_parser
+from balancer.config import BackendConfig, Config, load_config
+from tests.support.dns import DNSServer
 from tests.support.net import free_port, name_app, run_app
 from tests.support.proc import BalancerProcess, pool_config, write_config
 
@@ -48,6 +53,8 @@ METRICS = {
 _METRIC_RE = re.compile(r"\bbalancer_[a-z_]+")
 #: Kubernetes versions to validate against: an older one still widely run, and the newest.
 KUBE_VERSIONS = ("1.30.0", "latest")
+#: Where the test DNS server says the replicas are (only the guard looks: nothing connects).
+LOOPBACK = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"]
 
 
 def tool(name: str) -> str:
@@ -65,6 +72,28 @@ def run(*cmd: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
 
 def balancer_check(path: Path) -> subprocess.CompletedProcess[str]:
     return run(sys.executable, "-m", "balancer", "check", "-c", str(path))
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DNSServer]:
+    with DNSServer() as server:
+        yield server
+
+
+def asking(dns: DNSServer, text: str, path: Path) -> Path:
+    """A copy of the config ``text`` at ``path`` that asks ``dns`` instead of the system's
+    nameservers (in the container and the pod, Docker's and the cluster's DNS are the system's)."""
+    data = yaml.safe_load(text)
+    assert "resolver" not in data, "the deployed config asks the system's resolver"
+    path.write_text(yaml.safe_dump({**data, "resolver": [dns.nameserver]}, sort_keys=False))
+    return path
+
+
+def discovered_entry(config: Config) -> BackendConfig:
+    """The pool's one backend entry: a DNS name standing for every replica."""
+    (pool,) = config.pools.values()
+    (entry,) = [b for b in pool.backends if b.discovery == "dns"]
+    return entry
 
 
 def metric_names(expr: str) -> set[str]:
@@ -272,38 +301,80 @@ def test_compose_balancer_reads_the_stack_config_and_serves_8080() -> None:
     assert config.admin_token and config.admin_token in (ROOT / "deploy" / "demo-break.sh").read_text()
 
 
-def test_compose_backends_are_the_web_services() -> None:
+def test_compose_pool_discovers_the_web_service_replicas() -> None:
+    """One `discovery: dns` entry for the compose service name: Docker's DNS answers it with
+    every replica, so `docker compose up --scale web=N` feeds the pool."""
     services = compose()["services"]
     config = load_config(STACK_CONFIG)
+    assert config.resolver == (), "Docker's DNS (127.0.0.11) is the container's system resolver"
     (pool,) = config.pools.values()
-    assert len(pool.backends) == 3
-    for backend in pool.backends:
-        assert backend.host in services, f"{backend.url}: no compose service {backend.host}"
-        web = services[backend.host]
-        assert f"os.environ.get('PORT', '{backend.port}')" in web["entrypoint"][-1]
-        assert web["environment"] == {"NAME": backend.name}
-        assert str(backend.port) in web["healthcheck"]["test"][-1]
-        assert backend.host in balancer_depends_on(services)
+    entry = discovered_entry(config)
+    assert pool.backends == (entry,)
+    web = services[entry.host]
+    assert web["deploy"]["replicas"] >= config.guard.min_backends, "the guard would refuse it"
+    assert f"os.environ.get('PORT', '{entry.port}')" in web["entrypoint"][-1]
+    assert f":{entry.port}/healthz" in web["healthcheck"]["test"][-1]
+    assert "NAME" not in web.get("environment", {}), "each replica names itself"
+    # balancer resolves the name at start: the replicas must be up (and healthy) first.
+    assert services["balancer"]["depends_on"][entry.host] == {"condition": "service_healthy"}
+    assert not [name for name in services if re.fullmatch(r"web\d+", name)], \
+        "no hand-listed copies of the web service"
 
 
-def balancer_depends_on(services: dict[str, Any]) -> set[str]:
-    return set(services["balancer"].get("depends_on", {}))
+def replicas_config(kind: str) -> tuple[str, int]:
+    """(config text, replica count) of the compose stack or the Kubernetes manifests."""
+    if kind == "compose":
+        return STACK_CONFIG.read_text(), compose()["services"]["web"]["deploy"]["replicas"]
+    return (kube("ConfigMap", "balancer-config")["data"]["balancer.yaml"],
+            kube("Deployment", "web")["spec"]["replicas"])
 
 
-def test_stack_config_is_accepted_and_the_break_config_refused() -> None:
-    ok = balancer_check(STACK_CONFIG)
+@pytest.mark.parametrize("kind", ["compose", "kubernetes"])
+def test_check_accepts_the_replicas_and_refuses_a_collapse_to_one(
+        kind: str, dns_server: DNSServer, tmp_path: Path) -> None:
+    """`balancer check` of the deployed config, its service name answered by a real DNS server:
+    one address per replica is accepted, each a backend with an equal share; a name that
+    collapses to one address (the service scaled to 1) is refused."""
+    text, replicas = replicas_config(kind)
+    path = asking(dns_server, text, tmp_path / "balancer.yaml")
+    entry = discovered_entry(load_config(path))
+    dns_server.set(entry.host, LOOPBACK[:replicas])
+    ok = balancer_check(path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    refused = balancer_check(BROKEN_CONFIG)
+    for ip in LOOPBACK[:replicas]:
+        assert f"{entry.name}@{ip}:{entry.port}   {round(100 / replicas)}%" in ok.stdout, ok.stdout
+    assert dns_server.queries_for(entry.host), "the check asked the DNS server"
+
+    dns_server.set(entry.host, LOOPBACK[:1])
+    one = balancer_check(path)
+    assert one.returncode == 1, one.stdout + one.stderr
+    assert (f"only 1 distinct active backend: backend {entry.name}@{LOOPBACK[0]}:{entry.port}"
+            f" would receive 100% of traffic") in one.stderr
+
+
+def test_break_config_is_refused_while_the_replicas_resolve(
+        dns_server: DNSServer, tmp_path: Path) -> None:
+    """demo-break's config is refused with every replica in DNS: the guard judges what the
+    config does with them (one pinned replica takes 100%), not how many there are."""
+    replicas = compose()["services"]["web"]["deploy"]["replicas"]
+    dns_server.set("web", LOOPBACK[:replicas])
+    refused = balancer_check(asking(dns_server, BROKEN_CONFIG.read_text(), tmp_path / "b.yaml"))
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert "web1" in refused.stderr and "100%" in refused.stderr
+    assert ("only 1 distinct active backend: backend web-1 would receive 100% of traffic"
+            in refused.stderr)
 
 
-def test_break_config_differs_from_the_stack_config_only_in_weights() -> None:
-    """demo-break shows one change: a maintenance edit of weights, nothing else."""
+def test_break_config_differs_from_the_stack_config_only_by_the_maintenance_edit() -> None:
+    """demo-break shows one change: the fleet drained by weight and one replica pinned by its
+    compose container name, nothing else."""
     live = yaml.safe_load(STACK_CONFIG.read_text())
     broken = yaml.safe_load(BROKEN_CONFIG.read_text())
-    for backend in broken["pools"]["web"]["backends"]:
-        backend.pop("weight", None)
+    fleet, pinned = broken["pools"]["web"]["backends"]
+    assert fleet.pop("weight") == 0
+    port = discovered_entry(load_config(STACK_CONFIG)).port
+    assert pinned == {"name": "web-1", "url": f"http://{compose()['name']}-web-1:{port}"}, \
+        "a container compose names <project>-web-1, which Docker's DNS resolves"
+    broken["pools"]["web"]["backends"] = [fleet]
     assert broken == live
 
 
@@ -452,8 +523,8 @@ def test_kubernetes_manifests_match_the_schemas(version: str) -> None:
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata']['name']}: {exc.message}")
         kinds.append(doc["kind"])
-    assert sorted(kinds) == sorted(["ConfigMap", "Deployment", "PodDisruptionBudget", "Service",
-                                    "Service", "StatefulSet"])
+    assert sorted(kinds) == sorted(["ConfigMap", "Deployment", "Deployment",
+                                    "PodDisruptionBudget", "Service", "Service"])
 
 
 def test_kubernetes_schema_check_is_not_vacuous() -> None:
@@ -473,11 +544,6 @@ def kube_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_kubernetes_config_is_accepted_by_the_guard(tmp_path: Path) -> None:
-    result = balancer_check(kube_config(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_kubernetes_deployment_wiring(tmp_path: Path) -> None:
     config = load_config(kube_config(tmp_path))
     deployment = kube("Deployment", "balancer")
@@ -494,8 +560,13 @@ def test_kubernetes_deployment_wiring(tmp_path: Path) -> None:
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
     assert volume["configMap"]["name"] == "balancer-config"
-    assert container["args"] == ["-c", f"{mount['mountPath']}/balancer.yaml"]
     assert mount["mountPath"] == "/etc/balancer"
+    # The image's ENTRYPOINT (`balancer run`) with these args, as the real parser reads them:
+    # that config file, watched, so a ConfigMap update reaches running replicas.
+    assert "command" not in container, "the image's ENTRYPOINT runs"
+    run_args = build_parser().parse_args(["run", *container["args"]])
+    assert run_args.config == f"{mount['mountPath']}/balancer.yaml"
+    assert run_args.watch, "--watch: ConfigMap updates are reloaded, the guard deciding"
     # SIGTERM drains: the grace period covers preStop's pause plus drain_timeout.
     assert spec["terminationGracePeriodSeconds"] > config.drain_timeout + 5
     # Same non-root user as the image.
@@ -512,18 +583,30 @@ def test_kubernetes_deployment_wiring(tmp_path: Path) -> None:
     assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
 
 
-def test_kubernetes_backends_are_the_headless_service_pods(tmp_path: Path) -> None:
+def test_kubernetes_pool_discovers_the_headless_service_pods(tmp_path: Path) -> None:
     config = load_config(kube_config(tmp_path))
-    service = kube("Service", "web")
-    assert service["spec"]["clusterIP"] == "None", "headless: DNS answers with pod addresses"
-    web = kube("StatefulSet", "web")
-    assert web["spec"]["serviceName"] == "web"
-    assert service["spec"]["selector"].items() <= web["spec"]["template"]["metadata"]["labels"].items()
-    (port,) = service["spec"]["ports"]
-    expected = {f"web-{i}.web" for i in range(web["spec"]["replicas"])}
+    assert config.resolver == (), "the cluster's DNS is the pod's system resolver"
     (pool,) = config.pools.values()
-    assert {b.host for b in pool.backends} == expected
-    assert {b.port for b in pool.backends} == {port["port"]}
+    entry = discovered_entry(config)
+    assert pool.backends == (entry,)
+    service = kube("Service", "web")
+    assert entry.host == service["metadata"]["name"], "the short name: balancer's own namespace"
+    assert service["spec"]["clusterIP"] == "None", "headless: DNS answers with pod addresses"
+    assert not service["spec"].get("publishNotReadyAddresses"), "only ready pods are in DNS"
+    (port,) = service["spec"]["ports"]
+    assert entry.port == port["port"]
+    web = kube("Deployment", "web")
+    assert web["spec"]["replicas"] >= config.guard.min_backends, "the guard would refuse it"
+    pod = web["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert {"name": port["targetPort"], "containerPort": entry.port, "protocol": "TCP"} \
+        in container["ports"]
+    # A terminating pod leaves DNS at once; it keeps serving until balancer has re-resolved.
+    (command,) = container["lifecycle"]["preStop"]["exec"]["command"][-1:]
+    pause = re.search(r"time\.sleep\((\d+)\)", command)
+    assert pause and int(pause.group(1)) > entry.resolve_interval
+    assert pod["spec"].get("terminationGracePeriodSeconds", 30) > int(pause.group(1))
 
 
 # --------------------------------------------------------------------------- Makefile
@@ -536,3 +619,6 @@ def test_makefile_targets_exist() -> None:
     result = run(make, "-n", "demo-break", "stack", "stack-check", "up", "image", "deploy-check")
     assert result.returncode == 0, result.stderr
     assert "deploy/demo-break.sh" in result.stdout and "deploy/local-stack.py" in result.stdout
+    scale = run(make, "-n", "scale", "N=5")
+    assert scale.returncode == 0 and "up -d --scale web=5" in scale.stdout, scale.stderr
+    assert "web" in compose()["services"], "the service `make scale` scales"

@@ -1,9 +1,11 @@
 """The demo stack's wiring, for real: deploy/local-stack.py as a subprocess.
 
-It brings up the compose topology as local processes (three demo backends, balancer, Debian's
-Prometheus with config/alerts.yml), drives traffic that touches every counter, checks that
-Prometheus scrapes balancer, that the alert rules load and evaluate, that every dashboard query
-returns data, that demo-break's concentrated config is refused, and tears everything down.
+It brings up the compose topology as local processes (a loopback DNS server standing in for
+Docker's, three demo web replicas on their own loopback addresses, balancer discovering them,
+Debian's Prometheus with config/alerts.yml), scales the web service to four replicas and back
+under load, drives traffic that touches every counter, checks that Prometheus scrapes balancer,
+that the alert rules load and evaluate, that every dashboard query returns data, that
+demo-break's concentrated config is refused, and tears everything down.
 One extra dashboard with a misspelt metric rides along, so the query check is seen to fail too.
 """
 
@@ -50,19 +52,21 @@ def test_local_stack_is_wired_and_tears_down(tmp_path: Path) -> None:
     out = result.stdout + result.stderr
     summary = json.loads(out.split("\nSTACK ", 1)[1].splitlines()[0])
 
-    # About 20 s on 2 cores, most of it waiting on health checks and Prometheus' scrapes.
+    # About 20-25 s on 2 cores, most of it waiting on health checks and Prometheus' scrapes.
     # Exactly the planted mistake fails; every real check passes.
     assert summary["failed"] == [f"misspelt.json: {bad['panels'][0]['title']} [A]"], out
     assert result.returncode == 1
     assert "not exported by balancer: ['balancer_request_total']" in out
     queries = sum(len(p["targets"]) for p in json.loads(DASHBOARD.read_text())["panels"])
     assert out.count(f"ok   {DASHBOARD.name}: ") == queries, out
-    for line in ("Prometheus scrapes balancer", "alert rules loaded from alerts.yml, all healthy",
+    for line in ("scale up: web@127.0.0.5:", "none failed",
+                 "Prometheus scrapes balancer", "alert rules loaded from alerts.yml, all healthy",
                  "demo-break: concentrated config refused (409)", "demo-break put the config file back",
                  "balancer drained and exited 0 on SIGTERM"):
         assert re.search(rf"^  ok   .*{re.escape(line)}", out, re.MULTILINE), out
 
-    # Torn down: no process left, no temporary directory.
-    assert len(summary["pids"]) == 5
+    # Torn down: no process left (4 replicas at the most, balancer, Prometheus), no temporary
+    # directory.
+    assert len(summary["pids"]) == 6
     assert not [pid for pid in summary["pids"] if alive(pid)]
     assert not Path(summary["tmp"]).exists()

@@ -19,11 +19,16 @@ WAIT = 10.0
 
 
 class Traffic:
-    """Clients that keep sending requests until stopped, counting who answered and failures."""
+    """Clients that keep sending requests until stopped, counting who answered and failures.
 
-    def __init__(self, port: int, workers: int = 4) -> None:
+    Who answered is the body (the tests' backends answer with their name), or the value of
+    ``header`` when given (backends whose body says more, like the demo's ``X-Backend``).
+    """
+
+    def __init__(self, port: int, workers: int = 4, header: str | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}/"
         self.workers = workers
+        self.header = header
         self.seen: Counter[str] = Counter()
         self.total = 0
         self.failures: list[str] = []
@@ -48,7 +53,7 @@ class Traffic:
                     if r.status != 200:
                         self.failures.append(f"{r.status} {body[:200]}")
                     else:
-                        self.seen[body] += 1
+                        self.seen[r.headers.get(self.header, "?") if self.header else body] += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.failures.append(repr(exc))
             self.total += 1
