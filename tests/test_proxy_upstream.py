@@ -135,3 +135,28 @@ async def test_close_closes_idle_connections_and_later_releases() -> None:
             async with s.get(px.url + "/") as r:  # still served, on a connection not kept
                 assert await r.read() == b"ok"
             assert upool.idle == []
+
+
+async def test_informational_answers_are_relayed_before_the_final_one() -> None:
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          backend: RawBackend) -> None:
+        await backend.read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                     b"2\r\nok\r\n0\r\nX-Sum: 42\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    async with raw_backend(early_hints) as be:
+        async with run_proxy({"pools": {"web": pool_of(be.port)}}) as px:
+            async with await RawClient.open(px.port) as c:
+                await c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                hints = await c.response()
+                assert hints.status == 103
+                assert hints.header("link") == "</style.css>; rel=preload"
+                final = await c.response()
+                assert (final.status, final.body) == (200, b"ok")
+                assert final.header("trailer") is None  # hop-by-hop
+                assert final.header("x-sum") == "42"  # the trailer field itself goes on

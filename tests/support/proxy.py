@@ -158,7 +158,9 @@ class RawClient:
             while True:
                 size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
                 if size == 0:
-                    await self.reader.readuntil(b"\r\n")  # no trailers in these tests
+                    while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
+                        name, _, value = line.decode("latin-1").partition(":")
+                        headers.append((name.strip().lower(), value.strip()))  # trailers
                     break
                 parts.append(await self.reader.readexactly(size))
                 await self.reader.readexactly(2)
