@@ -188,14 +188,14 @@ class Exchange:
         self.websocket = self.headers_done = self.request_done = self.counted = False
         self.content_length = self.body_size = 0
         self.reject: tuple[int, str] | None = None
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | None = None
         self.pending_size = self.replay_size = 0
         self.replay: list[bytes] | None = None
         self.replayable = True
         self.pool: Pool | None = None
         self.head = b""
         self.ctx: PickContext | None = None
-        self.tried: list[Backend] = []
+        self.tried: tuple[Backend, ...] = ()
         self.attempts = 0
         self.backend: Backend | None = None
         self.backend_name: str | None = None
@@ -343,7 +343,7 @@ class Exchange:
         backend = self.backend
         assert backend is not None
         self._finish_backend(0, error="connect", latency=None)
-        self.tried.append(backend)
+        self.tried += (backend,)
         self.last_error = f"{backend.name}: {detail}"
         if self.attempts <= self.pool.config.retries and self.replayable:  # type: ignore
             self._attempt()
@@ -371,7 +371,7 @@ class Exchange:
             if pending:
                 parts += pending
                 self._keep(pending)
-                self.pending = []
+                self.pending = None
                 self.pending_size = 0
             transport.writelines(parts)
         else:
@@ -396,7 +396,7 @@ class Exchange:
         if pending:
             up.transport.writelines(pending)  # type: ignore[union-attr]
             self._keep(pending)
-            self.pending = []
+            self.pending = None
             self.pending_size = 0
         if self.request_done and not self.sent:
             self.sent = True
@@ -585,7 +585,7 @@ class Exchange:
         self._finish_backend(0, error=kind, latency=None)
         self.last_error = f"{backend.name}: {detail}"
         if safe and self.attempts <= self.pool.config.retries:
-            self.tried.append(backend)
+            self.tried += (backend,)
             self._attempt()
             return
         self.respond_local(502, f"backend {backend.name} failed: {detail}")

@@ -24,7 +24,7 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError,
 
 from balancer.exchange import P_BUFFER, P_UPSTREAM, Deadlines, Exchange, Reject, now
 from balancer.router import Router, host_without_port
-from balancer.upstream import HeaderKinds, connection_tokens
+from balancer.upstream import PLAIN_CONNECTION, HeaderKinds, connection_tokens
 
 __all__ = ["ClientConnection", "ProxySettings", "ProxyState", "protocol_factory"]
 
@@ -187,7 +187,10 @@ class ClientConnection(asyncio.Protocol):
         ex = self.current
         if ex is not None:
             if not ex.started:
-                self._pump()
+                if self.backlog:
+                    self._pump()
+                else:
+                    ex.start()
             elif ex.pending or (ex.request_done and not ex.sent):
                 ex.flush_request()
         if self.paused & P_BUFFER or self.backlog or (ex is not None and ex.pending_size):
@@ -265,7 +268,8 @@ class ClientConnection(asyncio.Protocol):
             ex.lines.append(name + b": " + value + b"\r\n")
             ex.content_length = int(value)  # llhttp checked the digits and the duplicates
         elif kind == H_CONNECTION:
-            ex.named = connection_tokens(value, ex.named)
+            if value not in PLAIN_CONNECTION:
+                ex.named = connection_tokens(value, ex.named)
         elif kind == H_TE:
             ex.te = value if ex.te is None else ex.te + b", " + value
         elif kind == H_UPGRADE:
@@ -315,7 +319,10 @@ class ClientConnection(asyncio.Protocol):
         self.state.in_flight += 1
         if parser.should_upgrade():
             self.upgrading = ex
-        self._enqueue(ex)
+        if self.current is None:
+            self.current = ex
+        else:
+            self._enqueue(ex)
 
     def _enqueue(self, ex: Exchange) -> None:
         """``ex`` is answered after the requests before it on this connection."""
@@ -349,7 +356,8 @@ class ClientConnection(asyncio.Protocol):
             if not ex.http10:
                 raise Reject(400, "HTTP/1.1 requests need a Host header")
         else:
-            ex.host = host_without_port(ex.host_raw.lower())
+            host = ex.host_raw.lower()
+            ex.host = host_without_port(host) if b":" in host else host
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -359,17 +367,22 @@ class ClientConnection(asyncio.Protocol):
         limit = ex.settings.max_body_size
         if limit is not None and ex.body_size > limit:
             raise Reject(413, f"request body larger than {limit} bytes")
+        pending = ex.pending
+        if pending is None:
+            pending = ex.pending = []
         if ex.chunked:
-            ex.pending.extend((b"%x\r\n" % size, body, b"\r\n"))
+            pending += (b"%x\r\n" % size, body, b"\r\n")
             size += 8
         else:
-            ex.pending.append(body)
+            pending.append(body)
         ex.pending_size += size
 
     def on_message_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
         if ex.chunked:
+            if ex.pending is None:
+                ex.pending = []
             ex.pending.append(b"0\r\n\r\n")
         ex.request_done = True
         self.parsing = None

@@ -25,7 +25,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 if TYPE_CHECKING:
     from balancer.backend import Backend
 
-__all__ = ["BadResponse", "HeaderKinds", "UpstreamConnection", "connection_tokens", "UpstreamPool", "ResponseSink", "IDLE_TIMEOUT",
+__all__ = ["BadResponse", "HeaderKinds", "PLAIN_CONNECTION", "UpstreamConnection",
+           "connection_tokens", "UpstreamPool", "ResponseSink", "IDLE_TIMEOUT",
            "MAX_IDLE"]
 
 log = logging.getLogger("balancer.upstream")
@@ -101,6 +102,10 @@ class ResponseSink(Protocol):
 
     def upstream_resume(self) -> None:
         """The backend caught up."""
+
+
+#: Connection header values that name no other header (the common ones, as spelled).
+PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))
 
 
 def connection_tokens(value: bytes, named: list[bytes] | None) -> list[bytes] | None:
@@ -256,7 +261,8 @@ class UpstreamConnection(asyncio.Protocol):
                 raise BadResponse(f"unsupported transfer-coding {value.decode('latin-1')!r}")
             self.framing = CHUNKED
         elif kind == R_CONNECTION:
-            self.named = connection_tokens(value, self.named)
+            if value not in PLAIN_CONNECTION:
+                self.named = connection_tokens(value, self.named)
 
     def on_headers_complete(self) -> None:
         parser = self.parser

@@ -36,7 +36,8 @@ async def serve(config_path: str, port: int, access_log: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gc.collect()
-    gc.freeze()
+    gc.freeze()  # as ``balancer run`` does (app._freeze_heap)
+    gc.set_threshold(10_000, 20, 20)
     print(f"listening on 127.0.0.1:{server.sockets[0].getsockname()[1]}", file=sys.stderr,
           flush=True)
     await stop.wait()
@@ -48,8 +49,14 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("port", type=int, nargs="?", default=0)
     parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument("--batched-log", action="store_true")
     args = parser.parse_args()
     setup_logging()
+    if args.batched_log:
+        import logging
+
+        from balancer.accesslog import LOGGER, AccessLogHandler
+        LOGGER.handlers[:] = [AccessLogHandler(sys.stderr)]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(args.config, args.port, not args.no_access_log))
 
