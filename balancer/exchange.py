@@ -30,9 +30,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Coroutine
 from http import HTTPStatus
 from itertools import count
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from balancer import accesslog
 from balancer.backend import Backend
@@ -43,7 +44,8 @@ from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection, 
 if TYPE_CHECKING:
     from balancer.proxy import ClientConnection
 
-__all__ = ["Deadlines", "Exchange", "Reject", "IDEMPOTENT", "REPLAY_LIMIT", "P_UPSTREAM", "P_BUFFER", "now"]
+__all__ = ["IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT", "Deadlines", "Exchange",
+           "Reject", "now"]
 
 log = logging.getLogger("balancer.proxy")
 
@@ -180,7 +182,11 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.lines: list[bytes] = []
         self.host = b""
-        self.host_raw = self.xff = self.rid_in = self.te = self.upgrade = None
+        self.host_raw: bytes | None = None
+        self.xff: bytes | None = None
+        self.rid_in: bytes | None = None
+        self.te: bytes | None = None
+        self.upgrade: bytes | None = None
         self.expect: bytes | None = None
         self.rid: bytes | None = None
         self.named: list[bytes] | None = None
@@ -249,7 +255,9 @@ class Exchange:
                   b"\r\nX-Forwarded-Proto: ", conn.proto, b"\r\n")
         if host is not None:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
-        parts += (b"X-Request-ID: ", self.rid, b"\r\n",  # type: ignore[list-item]
+        rid = self.rid
+        assert rid is not None
+        parts += (b"X-Request-ID: ", rid, b"\r\n",
                   settings.via_request_10 if self.http10 else settings.via_request)
         if self.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")

@@ -19,8 +19,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from httptools import (HttpParserError, HttpParserInvalidMethodError,
-                       HttpParserInvalidURLError, HttpParserUpgrade, HttpRequestParser)
+from httptools import (
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserInvalidURLError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
 
 from balancer.exchange import P_BUFFER, P_UPSTREAM, Deadlines, Exchange, Reject, now
 from balancer.router import Router, host_without_port

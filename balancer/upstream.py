@@ -367,9 +367,9 @@ class UpstreamPool:
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         b = self.backend
-        kwargs = {"ssl": self._ssl, "server_hostname": b.host} if self._ssl else {}
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamConnection(self), b.host, b.port, **kwargs),
+            loop.create_connection(lambda: UpstreamConnection(self), b.host, b.port,
+                                   ssl=self._ssl, server_hostname=b.host if self._ssl else None),
             timeout)
         self.opened += 1
         return conn  # type: ignore[return-value]
@@ -383,7 +383,8 @@ class UpstreamPool:
                 conn.transport.close()
             return
         transport = conn.transport
-        if not transport.is_reading():  # type: ignore[union-attr]
+        assert transport is not None
+        if not transport.is_reading():
             transport.resume_reading()  # paused for a slow client: idle, it must see a close
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop

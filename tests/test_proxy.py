@@ -12,13 +12,12 @@ import aiohttp
 import pytest
 import uvloop
 
+from balancer.config import RouteConfig
 from balancer.proxy import ProxySettings
 from balancer.router import Router
-from balancer.config import RouteConfig
 from tests.support.backends import GATE, special_app
 from tests.support.net import name_app, run_app
 from tests.support.proxy import RawClient, pool_of, run_proxy
-
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Overriding the \"event_loop_policy\" fixture is deprecated")

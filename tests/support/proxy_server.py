@@ -53,7 +53,6 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     if args.batched_log:
-        import logging
 
         from balancer.accesslog import LOGGER, AccessLogHandler
         LOGGER.handlers[:] = [AccessLogHandler(sys.stderr)]
