@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, TypeVar
@@ -83,6 +83,20 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendTlsConfig:
+    """How to speak TLS to a pool's ``https://`` backends (balancer/tls.py builds the context).
+
+    ``ca``: PEM file of CAs to trust instead of the system's; ``verify: false`` accepts any
+    certificate (logged as a warning); ``server_name``: the name to send (SNI) and verify,
+    when backends are addressed by IP but their certificates carry a DNS name.
+    """
+
+    ca: str | None = None
+    verify: bool = True
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     url: str
     name: str
@@ -97,6 +111,8 @@ class BackendConfig:
     resolve_interval: float = 5.0
     #: For a backend found by discovery: the entry it was found from (as written in the file).
     discovered_from: BackendConfig | None = None
+    #: The pool's ``backend_tls`` (copied here so upstream.py reads it from the backend).
+    tls: BackendTlsConfig = BackendTlsConfig()
 
     @property
     def active(self) -> bool:
@@ -117,6 +133,7 @@ class PoolConfig:
     timeouts: TimeoutsConfig = TimeoutsConfig()
     retries: int = 2
     allow_concentration: str | None = None
+    backend_tls: BackendTlsConfig = BackendTlsConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +155,36 @@ class GuardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """What clients may send and how long they may take (``client:``; balancer/proxy.py).
+
+    Timeouts: ``header_timeout`` for a whole request head (from the connection's start, or the
+    head's first byte on a kept-alive connection), ``body_timeout`` between two reads of a
+    request body, ``keepalive_timeout`` idle between requests, ``send_timeout`` for a client
+    that reads none of its answer. ``max_clients``: concurrent client connections; beyond it a
+    new one is answered 503 and closed (None: half the open-files limit, see proxy.py).
+    """
+
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    send_timeout: float = 60.0
+    max_clients: int | None = None
+    max_body_size: int | None = None
+    max_header_size: int = 32 * 1024
+    max_url_size: int = 8 * 1024
+    max_headers: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS termination on ``listen``: a PEM certificate (chain) and its unencrypted key."""
+
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     pools: Mapping[str, PoolConfig]
     routes: tuple[RouteConfig, ...]
@@ -150,6 +197,10 @@ class Config:
     admin_token: str | None = None
     #: Nameservers for ``discovery: dns`` backends; empty = the system's (/etc/resolv.conf).
     resolver: tuple[Address, ...] = ()
+    #: Limits and timeouts for clients (``client:``).
+    client: ClientConfig = ClientConfig()
+    #: TLS termination on ``listen`` (``tls: {cert, key}``); None: plain HTTP.
+    tls: TlsConfig | None = None
 
 
 # --------------------------------------------------------------------------- small parsers
@@ -171,6 +222,24 @@ def parse_duration(value: Any) -> float:
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
     raise ValueError(f"must be a duration like 500ms, 2s or 1m, got {value!r}")
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|[KMG]i?[bB]?|[bB])?\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20,
+               "mib": 1 << 20, "mb": 1000 ** 2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000 ** 3}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes: ``4096``, ``64k`` / ``64KiB`` (×1024), ``10MB`` (×1000²), ``1g`` / ``1GiB``…"""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = (m.group(2) or "").lower()
+            if unit in _SIZE_UNITS:
+                return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ValueError(f"must be a size like 4096, 64KiB, 10MB or 1GiB, got {value!r}")
 
 
 def parse_address(value: Any, default_host: str = "0.0.0.0") -> Address:
@@ -322,12 +391,16 @@ def _positive_duration(v: Any) -> float:
 
 
 _TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout", "admin_token",
-             "resolver"}
+             "resolver", "client", "tls"}
+_CLIENT_KEYS = {"header_timeout", "body_timeout", "keepalive_timeout", "send_timeout",
+                "max_clients", "max_body_size", "max_header_size", "max_url_size", "max_headers"}
+_TLS_KEYS = {"cert", "key"}
+_BACKEND_TLS_KEYS = {"ca", "verify", "server_name"}
 _GUARD_KEYS = {"max_share", "min_backends", "max_share_after_failure", "live_margin",
                "live_window", "live_min_requests"}
 _POOL_KEYS = {"strategy", "backends", "max_connections", "queue_timeout", "health_check",
               "outlier_detection", "panic_threshold", "timeouts", "retries",
-              "allow_concentration"}
+              "allow_concentration", "backend_tls"}
 _BACKEND_KEYS = {"url", "name", "weight", "backup", "max_connections", "discovery",
                  "resolve_interval"}
 _HEALTH_KEYS = {"path", "interval", "timeout", "healthy_threshold", "unhealthy_threshold",
@@ -379,11 +452,93 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     guard = _guard(r, top.get("guard"))
     pools = _pools(r, top.get("pools"))
     routes = _routes(r, top.get("routes"), pools)
+    client = _client(r, top.get("client"))
+    tls = _tls(r, top.get("tls"))
     if r.problems:
         raise ConfigError(r.problems, source)
     return Config(pools=MappingProxyType(pools), routes=routes, listen=listen, admin=admin,
                   guard=guard, drain_timeout=drain, source=source, admin_token=admin_token,
-                  resolver=resolver)
+                  resolver=resolver, client=client, tls=tls)
+
+
+def _client(r: _Reader, raw: Any) -> ClientConfig:
+    c = r.mapping(raw, "client", _CLIENT_KEYS)
+    if c is None:
+        return ClientConfig()
+    d = ClientConfig()
+    return ClientConfig(
+        header_timeout=r.get(c, "header_timeout", "client", _positive_duration,
+                             d.header_timeout),
+        body_timeout=r.get(c, "body_timeout", "client", _positive_duration, d.body_timeout),
+        keepalive_timeout=r.get(c, "keepalive_timeout", "client", _positive_duration,
+                                d.keepalive_timeout),
+        send_timeout=r.get(c, "send_timeout", "client", _positive_duration, d.send_timeout),
+        max_clients=r.get(c, "max_clients", "client", _int(1), None),
+        max_body_size=r.get(c, "max_body_size", "client", parse_size, None),
+        max_header_size=r.get(c, "max_header_size", "client", _size_between(1024, 1 << 20),
+                              d.max_header_size),
+        max_url_size=r.get(c, "max_url_size", "client", _size_between(256, 1 << 20),
+                           d.max_url_size),
+        max_headers=r.get(c, "max_headers", "client", _int(8, 10_000), d.max_headers),
+    )
+
+
+def _size_between(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        n = parse_size(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi} bytes, got {v!r}")
+        return n
+    return conv
+
+
+def _tls(r: _Reader, raw: Any) -> TlsConfig | None:
+    """``tls: {cert, key}``: both files must load as a pair now, not at the first handshake."""
+    if raw is None:
+        return None
+    t = r.mapping(raw, "tls", _TLS_KEYS)
+    if t is None:
+        return None
+    cert = r.get(t, "cert", "tls", _text, None)
+    key = r.get(t, "key", "tls", _text, None)
+    for name, value in (("cert", cert), ("key", key)):
+        if value is None and name not in t:
+            r.problem(f"tls.{name}", "is required: a PEM file")
+    if cert is None or key is None:
+        return None
+    from balancer.tls import TlsError, check_server_pair
+
+    try:
+        check_server_pair(cert, key)
+    except TlsError as exc:
+        r.problem("tls", str(exc))
+        return None
+    return TlsConfig(cert=cert, key=key)
+
+
+def _backend_tls(r: _Reader, raw: Any, path: str,
+                 backends: tuple[BackendConfig, ...]) -> BackendTlsConfig:
+    t = r.mapping(raw, path, _BACKEND_TLS_KEYS)
+    if t is None or not t:
+        return BackendTlsConfig()
+    tls = BackendTlsConfig(
+        ca=r.get(t, "ca", path, _text, None),
+        verify=r.get(t, "verify", path, _bool, True),
+        server_name=r.get(t, "server_name", path, _text, None),
+    )
+    if not any(b.scheme == "https" for b in backends) and backends:
+        r.problem(path, "applies to https:// backends, and this pool has none")
+    if tls.ca is not None:
+        if not tls.verify:
+            r.problem(f"{path}.ca", "is not used with verify: false (choose one)")
+        else:
+            from balancer.tls import TlsError, check_ca_file
+
+            try:
+                check_ca_file(tls.ca)
+            except TlsError as exc:
+                r.problem(f"{path}.ca", str(exc))
+    return tls
 
 
 def _resolver(r: _Reader, raw: Any) -> tuple[Address, ...]:
@@ -468,6 +623,9 @@ def _pool(r: _Reader, name: str, raw: Any, path: str) -> PoolConfig | None:
         return None
     max_conn = r.get(p, "max_connections", path, _int(1), None)
     backends = _backends(r, p.get("backends"), f"{path}.backends")
+    backend_tls = _backend_tls(r, p.get("backend_tls"), f"{path}.backend_tls", backends)
+    if backend_tls != BackendTlsConfig():
+        backends = tuple(replace(b, tls=backend_tls) for b in backends)
     hc = p.get("health_check")
     return PoolConfig(
         name=name,
@@ -481,6 +639,7 @@ def _pool(r: _Reader, name: str, raw: Any, path: str) -> PoolConfig | None:
         timeouts=_timeouts(r, p.get("timeouts"), f"{path}.timeouts"),
         retries=r.get(p, "retries", path, _int(0, 10), 2),
         allow_concentration=r.get(p, "allow_concentration", path, _text, None),
+        backend_tls=backend_tls,
     )
 
 
