@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
 import sys
 
@@ -50,12 +51,15 @@ def main() -> None:
     parser.add_argument("port", type=int, nargs="?", default=0)
     parser.add_argument("--no-access-log", action="store_true")
     parser.add_argument("--batched-log", action="store_true")
+    parser.add_argument("--log-level", default=None)
     args = parser.parse_args()
     setup_logging()
     if args.batched_log:
 
         from balancer.accesslog import LOGGER, AccessLogHandler
         LOGGER.handlers[:] = [AccessLogHandler(sys.stderr)]
+    if args.log_level:
+        logging.getLogger("balancer.access").setLevel(args.log_level)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(args.config, args.port, not args.no_access_log))
 
