@@ -55,7 +55,6 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     if args.batched_log:
-
         from balancer.accesslog import LOGGER, AccessLogHandler
         LOGGER.handlers[:] = [AccessLogHandler(sys.stderr)]
     if args.log_level:
