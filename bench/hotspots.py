@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: find bench.*
 
 from bench.load import load_tool, run_load
-from bench.servers import Processes, StartError, start_backend, start_proxy
+from bench.servers import VARIANTS, Processes, StartError, start_backend, start_proxy
 
 
 def summarise(raw: str, top: int = 25) -> str:
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--path", default="/", help="/ (small) or /64k")
     ap.add_argument("--native", action="store_true", help="include C frames")
+    ap.add_argument("--proxy", default="balancer", choices=("balancer",) + VARIANTS,
+                    help="which balancer to profile (variants as in run.py)")
+    ap.add_argument("--alt-src", type=Path, metavar="DIR", help="for --proxy balancer-alt")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         mine, other = (cpus[0], cpus[1]) if procs.pin else (None, None)
         try:
             backend = start_backend(procs, "nginx" if shutil.which("nginx") else "builtin", other)
-            proxy = start_proxy(procs, "balancer", backend, mine)
+            proxy = start_proxy(procs, args.proxy, backend, mine, alt_src=args.alt_src)
             tool = load_tool("auto")
             run_load(tool, f"http://127.0.0.1:{proxy.port}/", 64, 1, other)  # warm up
             spy = (["taskset", "-c", str(other)] if procs.pin else []) + ["py-spy", "record", "--pid", str(proxy.proc.pid),

@@ -39,15 +39,21 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_ticks(pid: int) -> int:
-    """User + system CPU ticks used so far by ``pid``'s whole tree."""
-    total = 0
+def cpu_split(pid: int) -> tuple[int, int]:
+    """(user, system) CPU ticks used so far by ``pid``'s whole tree."""
+    user = system = 0
     for p in tree(pid):
         fields = _stat_fields(p)
         if fields:
             # utime and stime are fields 14 and 15 of the full line; 12 and 13 here.
-            total += int(fields[11]) + int(fields[12])
-    return total
+            user += int(fields[11])
+            system += int(fields[12])
+    return user, system
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU ticks used so far by ``pid``'s whole tree."""
+    return sum(cpu_split(pid))
 
 
 def _status_kib(pid: int, key: str) -> int:

@@ -30,6 +30,12 @@ class Measurement:
     cpu_us_per_request: float
     foreign: dict[str, float]  # "proxy cpu" / "load cpu" → fraction of that core used by others
     attempts: int = 1
+    #: Fraction of a core used by the proxy, and by the backend + load generator: a proxy
+    #: well below 100% while the other side is at 100% was not the bottleneck.
+    proxy_busy: float = 0.0
+    load_busy: float = 0.0
+    #: The part of the proxy's CPU time spent in the kernel (syscalls, TCP on loopback).
+    system_share: float = 0.0
 
     @property
     def disturbed(self) -> bool:
@@ -48,6 +54,9 @@ class Summary:
     errors: int
     foreign_max: float
     disturbed_rounds: int
+    proxy_busy: float = 0.0
+    load_busy: float = 0.0
+    system_share: float = 0.0
 
 
 @dataclass
@@ -77,6 +86,9 @@ def summarise(ms: list[Measurement], reference: str = "nginx") -> list[Summary]:
             errors=sum(m.load.errors + m.load.non2xx for m in group),
             foreign_max=max(max(m.foreign.values(), default=0.0) for m in group),
             disturbed_rounds=sum(m.disturbed for m in group),
+            proxy_busy=median(m.proxy_busy for m in group),
+            load_busy=median(m.load_busy for m in group),
+            system_share=median(m.system_share for m in group),
         ))
     order = {name: i for i, (name, _, _) in enumerate(SCENARIOS)}
     run_order = {proxy: i for i, proxy in enumerate(dict.fromkeys(m.proxy for m in ms))}
@@ -93,12 +105,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def detail_table(summaries: list[Summary]) -> str:
     rows = [[s.scenario, s.proxy, f"{s.rps:,.0f}",
              f"{s.ratio:.2f}" if s.ratio is not None else "—",
-             f"{s.p50_ms:.2f}", f"{s.p99_ms:.2f}", f"{s.cpu_us:.1f}", str(s.errors),
+             f"{s.p50_ms:.2f}", f"{s.p99_ms:.2f}",
+             f"{s.cpu_us:.1f} ({s.system_share:.0%} kernel)",
+             f"{s.proxy_busy:.0%} / {s.load_busy:.0%}", str(s.errors),
              f"{s.foreign_max:.0%}" + (f" ({s.disturbed_rounds} disturbed)"
                                        if s.disturbed_rounds else "")]
             for s in summaries]
     return _table(["load", "proxy", "requests/s", "ratio to nginx", "p50 ms", "p99 ms",
-                   "CPU µs/request", "errors", "foreign CPU (max)"], rows)
+                   "CPU µs/request", "core busy: proxy / backend+load", "errors",
+                   "foreign CPU (max)"], rows)
 
 
 def headline_table(summaries: list[Summary], results: Results) -> str:

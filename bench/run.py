@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from bench.idle import bytes_per_idle_connection
 from bench.load import LoadError, load_tool, run_load
-from bench.procstat import TICKS_PER_SECOND, CpuSample, cpu_ticks, peak_rss_kib
+from bench.procstat import TICKS_PER_SECOND, CpuSample, cpu_split, cpu_ticks, peak_rss_kib
 from bench.report import (
     SCENARIOS,
     Measurement,
@@ -117,24 +117,27 @@ class Bench:
                       rnd: int) -> Measurement:
         name, path, conns = scenario
         url = f"http://127.0.0.1:{proxy.port}{path}"
-        cpu0, proxy0, backend0 = CpuSample.take(), cpu_ticks(proxy.proc.pid), \
+        cpu0, proxy0, backend0 = CpuSample.take(), cpu_split(proxy.proc.pid), \
             cpu_ticks(backend.proc.pid)
         ours0 = _children_and_self_seconds()
         started = time.monotonic()
         result = run_load(self.tool, url, conns, self.args.duration, self.load_cpu)
         elapsed = time.monotonic() - started
-        proxy_ticks = cpu_ticks(proxy.proc.pid) - proxy0
+        user, system = (now - then for now, then in zip(cpu_split(proxy.proc.pid), proxy0))
+        proxy_ticks = user + system
         backend_ticks = cpu_ticks(backend.proc.pid) - backend0
         ours = (_children_and_self_seconds() - ours0) * TICKS_PER_SECOND
         busy = CpuSample.take().since(cpu0)
         foreign: dict[str, float] = {}
+        span = elapsed * TICKS_PER_SECOND
         if self.pinned:
-            span = elapsed * TICKS_PER_SECOND
             assert self.proxy_cpu is not None and self.load_cpu is not None
             foreign["proxy cpu"] = max(0.0, busy[self.proxy_cpu] - proxy_ticks) / span
             foreign["load cpu"] = max(0.0, busy[self.load_cpu] - backend_ticks - ours) / span
         cpu_us = proxy_ticks / TICKS_PER_SECOND / max(result.requests, 1) * 1e6
-        return Measurement(proxy.kind, name, rnd, result, cpu_us, foreign)
+        return Measurement(proxy.kind, name, rnd, result, cpu_us, foreign,
+                           proxy_busy=proxy_ticks / span, load_busy=(backend_ticks + ours) / span,
+                           system_share=system / max(proxy_ticks, 1))
 
     def run(self) -> Results:
         a = self.args
@@ -209,8 +212,8 @@ def _progress(rounds: int, m: Measurement) -> None:
     foreign = "/".join(f"{v:.0%}" for v in m.foreign.values()) or "n/a"
     print(f"round {m.round}/{rounds}  {m.scenario:<10} {m.proxy:<14} {load.rps:>10,.0f} rps  "
           f"p50 {load.p50_ms:6.2f} ms  p99 {load.p99_ms:6.2f} ms  "
-          f"{m.cpu_us_per_request:6.1f} µs/req  errors {load.errors + load.non2xx}  "
-          f"foreign {foreign}", flush=True)
+          f"{m.cpu_us_per_request:6.1f} µs/req  busy {m.proxy_busy:.0%}/{m.load_busy:.0%}  "
+          f"errors {load.errors + load.non2xx}  foreign {foreign}", flush=True)
 
 
 def _children_and_self_seconds() -> float:
