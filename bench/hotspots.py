@@ -2,6 +2,7 @@
 
     pip install py-spy
     python bench/hotspots.py [--seconds 10] [--connections 64] [--native] [--out DIR]
+    python bench/hotspots.py --perf        # kernel / CPython / httptools / uvloop, with perf
 
 Same set-up as run.py (balancer pinned to CPU 0; nginx backend, wrk and py-spy on CPU 1), then
 prints self time (the function on top of the stack) and inclusive time per function and per
@@ -69,22 +70,47 @@ def _short(frame: str) -> tuple[str, str]:
     return f"{name} ({path})", path
 
 
+def _recorder(args: argparse.Namespace, pid: int, out: Path) -> list[str]:
+    """The sampling command: py-spy (Python frames) or perf (kernel / CPython / C split)."""
+    if args.perf:
+        return ["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", str(out),
+                "--", "sleep", str(args.seconds)]
+    spy = ["py-spy", "record", "--pid", str(pid), "--duration", str(args.seconds + 1),
+           "--rate", "200", "--format", "raw", "-o", str(out)]
+    # --native must pause the process to unwind C stacks; plain sampling need not.
+    return spy + (["--native"] if args.native else ["--nonblocking"])
+
+
+def perf_summary(data: Path) -> str:
+    """``perf report`` by shared object: kernel, libpython, httptools, uvloop…"""
+    done = subprocess.run(["perf", "report", "-i", str(data), "--sort", "dso", "--stdio",
+                           "--no-children", "-g", "none"], check=False, capture_output=True,
+                          text=True, timeout=120)
+    rows = [ln.strip() for ln in done.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    return "CPU samples by shared object (perf)\n" + "\n".join(rows[:12])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/hotspots.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--path", default="/", help="/ (small) or /64k")
-    ap.add_argument("--native", action="store_true", help="include C frames")
+    ap.add_argument("--native", action="store_true", help="py-spy: include C frames")
+    ap.add_argument("--perf", action="store_true",
+                    help="sample with perf instead: kernel / CPython / httptools / uvloop split")
     ap.add_argument("--proxy", default="balancer", choices=("balancer",) + VARIANTS,
                     help="which balancer to profile (variants as in run.py)")
     ap.add_argument("--alt-src", type=Path, metavar="DIR", help="for --proxy balancer-alt")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
-    if shutil.which("py-spy") is None:
-        print("bench/hotspots.py: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+    tool_name = "perf" if args.perf else "py-spy"
+    if shutil.which(tool_name) is None:
+        print(f"bench/hotspots.py: {tool_name} is not installed "
+              f"({'apt-get install linux-perf' if args.perf else 'pip install py-spy'})",
+              file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    raw_path = args.out / "hotspots-balancer.txt"
+    raw_path = args.out / f"hotspots-{args.proxy}.{'perf.data' if args.perf else 'txt'}"
     with tempfile.TemporaryDirectory(prefix="balancer-hotspots-") as tmp:
         cpus = sorted(os.sched_getaffinity(0))
         procs = Processes(Path(tmp), pin=len(cpus) >= 2)
@@ -94,18 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             proxy = start_proxy(procs, args.proxy, backend, mine, alt_src=args.alt_src)
             tool = load_tool("auto")
             run_load(tool, f"http://127.0.0.1:{proxy.port}/", 64, 1, other)  # warm up
-            spy = (["taskset", "-c", str(other)] if procs.pin else []) + ["py-spy", "record", "--pid", str(proxy.proc.pid),
-                   "--duration", str(args.seconds + 1), "--rate", "200", "--format", "raw",
-                   "-o", str(raw_path)]
-            # --native must pause the process to unwind C stacks; plain sampling need not.
-            spy += ["--native"] if args.native else ["--nonblocking"]
-            recorder = subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            pin = ["taskset", "-c", str(other)] if procs.pin else []
+            recorder = subprocess.Popen(pin + _recorder(args, proxy.proc.pid, raw_path),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         text=True)
             result = run_load(tool, f"http://127.0.0.1:{proxy.port}{args.path}",
                               args.connections, args.seconds, other)
             _, err = recorder.communicate(timeout=args.seconds + 60)
             if recorder.returncode != 0:
-                print(f"bench/hotspots.py: py-spy failed: {err.strip()[-500:]}", file=sys.stderr)
+                print(f"bench/hotspots.py: {tool_name} failed: {err.strip()[-500:]}",
+                      file=sys.stderr)
                 return 1
         except StartError as exc:
             print(f"bench/hotspots.py: {exc}", file=sys.stderr)
@@ -114,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
     print(f"load while sampled: {result.rps:,.0f} requests/s, p50 {result.p50_ms:.2f} ms, "
           f"p99 {result.p99_ms:.2f} ms (sampling costs the proxy a little)\n")
-    print(summarise(raw_path.read_text()))
-    print(f"\nraw stacks: {raw_path}")
+    print(perf_summary(raw_path) if args.perf else summarise(raw_path.read_text()))
+    print(f"\nraw samples: {raw_path}")
     return 0
 
 
