@@ -25,7 +25,7 @@ from balancer import __version__
 from balancer.backend import Backend, backend_key
 from balancer.config import Address, BackendConfig, Config, ConfigError, load_config
 from balancer.pool import Pool
-from balancer.proxy import ProxySettings, ProxyState, protocol_factory
+from balancer.proxy import ProxySettings, ProxyState, default_max_clients, protocol_factory
 from balancer.router import Router
 
 log = logging.getLogger("balancer.app")
@@ -128,6 +128,8 @@ class App:
         self._stop: asyncio.Event | None = None
         self._draining = False
         self._drained = False
+        # TLS on ``listen`` (balancer/tls.py); a reload loads renewed files into it in place.
+        self.tls_context = _server_tls(self.config)
 
     def _build_services(self) -> list[Service]:
         """The services that run beside the proxy, in start order (stopped in reverse)."""
@@ -147,9 +149,13 @@ class App:
         loop = asyncio.get_running_loop()
         addr = self.config.listen
         try:
+            tls: dict[str, Any] = {}
+            if self.tls_context is not None:  # a handshake is bounded like a request head
+                tls = {"ssl": self.tls_context,
+                       "ssl_handshake_timeout": self.config.client.header_timeout}
             self.server = await loop.create_server(
                 protocol_factory(self.state), addr.host, addr.port,
-                reuse_address=True, backlog=1024)
+                reuse_address=True, backlog=1024, **tls)
         except OSError as exc:
             raise StartError(f"listen {addr}: {_reason(exc)}") from None
         try:
@@ -203,6 +209,7 @@ class App:
             if config.listen != old.listen:
                 log.warning("listen changed from %s to %s: takes effect on restart",
                             old.listen, config.listen)
+            self._reload_tls(old)
             for backend in gone:
                 self._retire(backend)
             self._tell_services()
@@ -227,6 +234,24 @@ class App:
                 self._retire(backend)
             self._tell_services(skip=source)
             return True
+
+    def _reload_tls(self, old: Config) -> None:
+        """Renewed certificate files take effect now; TLS on or off takes a restart."""
+        new = self.config.tls
+        if (new is None) != (self.tls_context is None):
+            log.warning("tls %s in the config: takes effect on restart",
+                        "turned on" if new is not None else "turned off")
+            return
+        if new is None or self.tls_context is None:
+            return
+        from balancer.tls import TlsError, reload_server_context
+
+        try:
+            reload_server_context(self.tls_context, new.cert, new.key)
+        except TlsError as exc:  # changed since the check: keep serving the loaded pair
+            log.error("tls: %s; still serving the previous certificate", exc)
+            return
+        log.info("tls: certificate %s loaded for new connections", new.cert)
 
     def _tell_services(self, skip: object = None) -> None:
         for service in self._started:
@@ -329,6 +354,7 @@ class App:
                 transport = getattr(conn, "transport", None)
                 if transport is not None:
                     transport.abort()
+        self.state.timers.close()
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -396,8 +422,27 @@ class App:
 
 
 def _proxy_settings(config: Config) -> ProxySettings:
-    """The request path's settings for ``config`` (access log, server name…)."""
-    return ProxySettings()
+    """The request path's settings for ``config``: client limits and timeouts (``client:``);
+    ``max_clients`` unset means half the open-files limit (proxy.default_max_clients)."""
+    c = config.client
+    return ProxySettings(
+        max_body_size=c.max_body_size, max_url_size=c.max_url_size,
+        max_header_size=c.max_header_size, max_headers=c.max_headers,
+        header_timeout=c.header_timeout, body_timeout=c.body_timeout,
+        keepalive_timeout=c.keepalive_timeout, send_timeout=c.send_timeout,
+        max_clients=c.max_clients if c.max_clients is not None else default_max_clients())
+
+
+def _server_tls(config: Config) -> Any:
+    """The listener's SSLContext for ``config.tls``, or None for plain HTTP."""
+    if config.tls is None:
+        return None
+    from balancer.tls import TlsError, server_context
+
+    try:
+        return server_context(config.tls.cert, config.tls.key)
+    except TlsError as exc:  # the files changed since the config was checked
+        raise ConfigError([f"tls: {exc}"], config.source) from None
 
 
 async def _close_upstream(backend: Backend) -> None:

@@ -9,6 +9,28 @@ control, and the switch to splicing bytes after a WebSocket upgrade.
 Everything here runs for every request, so it is plain callbacks, no task unless a request has
 to wait (a new upstream connection, a slot under ``max_connections``), and no work that could be
 done once at load time (``ProxySettings`` pre-builds its header lines).
+
+What a client may send (each refusal is our own short answer, then the connection closes):
+llhttp (strict mode, as httptools builds it) refuses bad request lines, header names and
+control bytes in values, obs-fold, bare CR/LF, ``Content-Length`` with ``Transfer-Encoding``,
+duplicate or malformed lengths and bad chunk framing; it is lenient where we are not, so we add:
+
+- ``Transfer-Encoding``: only exactly ``chunked`` (any case) is framed; trailing whitespace is
+  refused as an obfuscation (400), chunked not last or twice is 400 (RFC 9112 §6.3), another
+  coding before a final chunked is 501, and any Transfer-Encoding in HTTP/1.0 is 400 (§6.1);
+- ``Content-Length`` above 2**63-1 (llhttp takes up to 2**64-1: an int64 backend would wrap)
+  is 400, and the length is re-written in canonical digits;
+- ``Host`` (and an absolute-form authority) must be ``uri-host[:port]`` (RFC 9112 §3.2: 400);
+  a request target with a ``#fragment`` is 400 (backends disagree about what it means);
+- chunk extensions and trailer fields: llhttp skips extensions of any length and httptools
+  buffers a trailer field whole, so framing bytes beyond ``CHUNK_OVERHEAD`` per chunk plus
+  ``max_header_size`` are refused (400), and trailers count against ``max_header_size`` (431);
+- a client that half-closes in the middle of a body gets 400 (it can never complete).
+
+Header values may carry obs-text (bytes 0x80-0xFF; RFC 9110 §5.5 allows them) and are passed on
+as they are. Bodies are always re-framed by us from the parser's events (chunks re-chunked,
+lengths canonical), so what a backend receives parses one way only. Timeouts for slow and idle
+clients live in ``slowclients.py``; ``max_clients`` is checked as connections arrive.
 """
 
 from __future__ import annotations
@@ -16,6 +38,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import resource
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,11 +51,22 @@ from httptools import (
     HttpRequestParser,
 )
 
-from balancer.exchange import P_BUFFER, P_UPSTREAM, Deadlines, Exchange, Reject, now
+from balancer.exchange import (
+    P_BUFFER,
+    P_UPSTREAM,
+    Deadlines,
+    Exchange,
+    Reject,
+    error_response,
+    new_request_id,
+    now,
+)
 from balancer.router import Router, host_without_port
+from balancer.slowclients import BODY, HEAD, NONE, SEND, ClientTimers
 from balancer.upstream import PLAIN_CONNECTION, HeaderKinds, connection_tokens
 
-__all__ = ["ClientConnection", "ProxySettings", "ProxyState", "protocol_factory"]
+__all__ = ["ClientConnection", "ProxySettings", "ProxyState", "default_max_clients",
+           "protocol_factory"]
 
 log = logging.getLogger("balancer.proxy")
 
@@ -42,19 +77,32 @@ PIPELINE_DEPTH = 16
 #: Seconds a connection closed with request bytes still coming keeps reading (and dropping)
 #: them, so that the client reads our answer rather than a reset.
 LINGER = 2.0
+#: The same, for a connection turned away by ``max_clients`` (it holds a descriptor meanwhile).
+TURN_AWAY_LINGER = 0.5
+#: Framing bytes allowed per chunk of a chunked body (size line, CRLFs, short extensions).
+CHUNK_OVERHEAD = 64
+#: The largest Content-Length we forward: beyond, an int64 parser would wrap.
+MAX_LENGTH = 2**63 - 1
 
 # Request headers handled rather than copied as they are (0: copied). Hop-by-hop ones are
 # dropped (RFC 9110 §7.6.1); X-Forwarded-*, X-Request-ID and Via are set by us.
 H_PASS, H_DROP, H_HOST, H_CONNECTION, H_TE, H_UPGRADE, H_XFF, H_RID, H_EXPECT, H_LENGTH = range(10)
-_REQUEST_HEADERS = HeaderKinds({
+_HANDLED = {
     b"host": H_HOST, b"connection": H_CONNECTION, b"keep-alive": H_DROP,
     b"proxy-connection": H_DROP, b"te": H_DROP, b"trailer": H_DROP,
     b"transfer-encoding": H_TE, b"upgrade": H_UPGRADE, b"proxy-authorization": H_DROP,
     b"proxy-authenticate": H_DROP, b"x-forwarded-for": H_XFF, b"x-forwarded-proto": H_DROP,
     b"x-forwarded-host": H_DROP, b"x-request-id": H_RID, b"expect": H_EXPECT,
     b"content-length": H_LENGTH,
-})
+}
+# ...and their spellings with "_" for "-" are dropped: CGI-style backends (WSGI, PHP) read
+# ``Transfer_Encoding`` or ``X_Forwarded_For`` as the real header (nginx drops them too).
+_REQUEST_HEADERS = HeaderKinds({
+    **_HANDLED, **{name.replace(b"-", b"_"): H_DROP for name in _HANDLED if b"-" in name}})
 _METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
+#: uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2): reg-name, IPv4 or an IP literal.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?").fullmatch
 
 
 @dataclass(frozen=True)
@@ -67,6 +115,12 @@ class ProxySettings:
     max_url_size: int = 8 * 1024  # longer request targets get 414
     max_header_size: int = 32 * 1024  # larger request heads get 431
     max_headers: int = 100  # more header fields get 431
+    # Slow and idle clients (slowclients.py), in seconds.
+    header_timeout: float = 10.0  # a whole request head
+    body_timeout: float = 60.0  # between two reads of a request body
+    keepalive_timeout: float = 75.0  # idle between requests
+    send_timeout: float = 60.0  # an answer the client does not read
+    max_clients: int | None = None  # concurrent client connections (None: no limit)
 
     # Pre-built header lines (derived from the fields above).
     via_request: bytes = field(init=False, repr=False, compare=False)
@@ -87,7 +141,8 @@ class ProxyState:
     """Shared by every client connection; the app swaps ``router``/``settings`` on reload
     (one assignment each). A request reads both when it arrives and keeps them to its end."""
 
-    __slots__ = ("router", "settings", "connections", "in_flight", "draining", "deadlines")
+    __slots__ = ("router", "settings", "connections", "in_flight", "draining", "deadlines",
+                 "timers", "turned_away", "_warned_full")
 
     def __init__(self, router: Router, settings: ProxySettings) -> None:
         self.router = router
@@ -96,6 +151,18 @@ class ProxyState:
         self.in_flight = 0  # requests between their head and the end of their answer
         self.draining = False
         self.deadlines = Deadlines()  # read timeouts of requests waiting for a backend
+        self.timers = ClientTimers(self)  # slow and idle clients; ``timers.fired`` counts
+        self.turned_away = 0  # connections answered 503 because of max_clients
+        self._warned_full = 0.0
+
+    def turn_away(self, conn: ClientConnection) -> None:
+        """Count a connection refused by ``max_clients``; say so at most once a minute."""
+        self.turned_away += 1
+        t = time.monotonic()
+        if t - self._warned_full >= 60.0:
+            self._warned_full = t
+            log.warning("max_clients (%d) reached: new client connections are answered 503 "
+                        "(%d so far)", self.settings.max_clients, self.turned_away)
 
     def begin_drain(self) -> None:
         """Stop keep-alive: close idle client connections now, busy ones after their answer."""
@@ -113,6 +180,15 @@ def protocol_factory(state: ProxyState) -> Callable[[], asyncio.Protocol]:
     return lambda: ClientConnection(state)
 
 
+def default_max_clients() -> int:
+    """Half the open-files limit: every client may need a backend connection too, and the
+    rest (listeners, health probes, logs) must still find a descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 1 << 20
+    return max(16, (soft - 64) // 2)
+
+
 class ClientConnection(asyncio.Protocol):
     """One client's connection: keep-alive, pipelining, flow control, upgrades."""
 
@@ -124,6 +200,10 @@ class ClientConnection(asyncio.Protocol):
         "paused", "write_paused",
         # Ending: close after the current answer; dropping what still comes; spliced bytes
         "closing", "lingering", "held", "held_size", "splice", "_pumping",
+        # Limits: answers given; framing bytes and chunks of the chunked body being read
+        "served", "wire", "chunks",
+        # What slowclients.py last saw this connection wait for, and since when
+        "timer_phase", "timer_of", "timer_mark", "timer_since",
     )
 
     def __init__(self, state: ProxyState) -> None:
@@ -145,6 +225,11 @@ class ClientConnection(asyncio.Protocol):
         self.held_size = 0
         self.splice: Exchange | None = None
         self._pumping = False
+        self.served = self.wire = self.chunks = 0
+        self.timer_phase = NONE
+        self.timer_of: object = None
+        self.timer_mark = 0
+        self.timer_since = 0.0
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -154,7 +239,26 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = peer[0] if isinstance(peer, tuple) else ""
         if transport.get_extra_info("sslcontext") is not None:
             self.proto = b"https"
-        self.state.connections.add(self)
+        state = self.state
+        limit = state.settings.max_clients
+        if limit is not None and len(state.connections) >= limit:
+            self._turn_away()
+            return
+        state.connections.add(self)
+        if state.timers.handle is None:
+            state.timers.start()
+
+    def _turn_away(self) -> None:
+        """Over ``max_clients``: answer 503 at once and close, rather than run out of
+        descriptors. The answer comes before any request is read (RFC 9110 allows it); reading
+        goes on, dropped, for a moment, so that the client sees the 503 and not a reset."""
+        self.state.turn_away(self)
+        transport = self.transport
+        assert transport is not None
+        self.closing = True
+        transport.write(error_response(503, new_request_id(), "too many client connections",
+                                       True, retry_after=1))
+        self._linger(TURN_AWAY_LINGER)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -167,13 +271,16 @@ class ClientConnection(asyncio.Protocol):
             if self.lingering is not None:
                 return
             parsing = self.parsing
-            if parsing is not None and not parsing.headers_done:
-                # A head split over reads: bound what httptools buffers before a field ends.
-                end = data.find(b"\r\n\r\n")
-                self.head_raw -= len(data) if end < 0 else end
-                if self.head_raw < 0:
-                    self._refuse(431, "request header fields too large")
-                    return
+            if parsing is not None:
+                if not parsing.headers_done:
+                    # A head split over reads: bound what httptools buffers before a field ends.
+                    end = data.find(b"\r\n\r\n")
+                    self.head_raw -= len(data) if end < 0 else end
+                    if self.head_raw < 0:
+                        self._refuse(431, "request header fields too large")
+                        return
+                elif parsing.chunked:
+                    self.wire += len(data)
             try:
                 self.parser.feed_data(data)
             except HttpParserUpgrade as exc:
@@ -181,6 +288,12 @@ class ClientConnection(asyncio.Protocol):
                     return
             except HttpParserError as exc:
                 self._parse_error(exc, data)
+                return
+            if (parsing is not None and parsing.chunked and self.parsing is parsing
+                    and self.wire - parsing.body_size
+                    > self.chunks * CHUNK_OVERHEAD + parsing.settings.max_header_size):
+                # Extensions, zero padding or trailers with no end: none of it is forwarded.
+                self._refuse(400, "chunk extensions or trailer fields too long")
                 return
             self._after_feed()
         except Exception:  # a bug must cost this connection, never the proxy or its state
@@ -203,10 +316,15 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The client will send no more. Idle: close. Else answer what it asked, then close
-        (some clients half-close after their request and wait for the answer)."""
+        (some clients half-close after their request and wait for the answer). A request
+        whose body is cut short this way can never complete: 400."""
         if self.current is None and not self.backlog or self.splice is not None:
             return None
         self.closing = True
+        parsing = self.parsing
+        if parsing is not None and parsing.counted and self.lingering is None:
+            self._refuse(400, "the client closed its side before the request body was complete")
+            return True
         self.parsing = None
         return True
 
@@ -253,9 +371,11 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         assert ex is not None
-        if ex.headers_done:
-            return  # trailer fields after a chunked body: not forwarded
         self.head_left -= len(name) + len(value) + 4
+        if ex.headers_done:  # trailer fields after a chunked body: bounded, not forwarded
+            if self.head_left < 0:
+                raise Reject(431, "request trailer fields too large")
+            return
         if self.head_left < 0:
             raise Reject(431, "request header fields too large")
         headers = ex.headers
@@ -268,10 +388,15 @@ class ClientConnection(asyncio.Protocol):
         elif kind == H_HOST:
             if ex.host_raw is not None:
                 raise Reject(400, "more than one Host header")
+            if not _HOST(value):
+                raise Reject(400, "invalid Host header")
             ex.host_raw = value
         elif kind == H_LENGTH:
-            ex.lines.append(name + b": " + value + b"\r\n")
-            ex.content_length = int(value)  # llhttp checked the digits and the duplicates
+            n = int(value)  # llhttp checked the digits and the duplicates
+            if n > MAX_LENGTH:
+                raise Reject(400, "Content-Length too large")
+            ex.lines.append(b"Content-Length: %d\r\n" % n)  # canonical: no zeros, no spaces
+            ex.content_length = n
         elif kind == H_CONNECTION:
             if value not in PLAIN_CONNECTION:
                 ex.named = connection_tokens(value, ex.named)
@@ -302,9 +427,13 @@ class ClientConnection(asyncio.Protocol):
         if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported by this proxy")
         if ex.te is not None:
-            if ex.te.strip().lower() != b"chunked":
-                raise Reject(501, "only the chunked transfer-coding is implemented")
+            if ex.http10:  # RFC 9112 §6.1: faulty framing, whatever else it says
+                raise Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if ex.te.lower() != b"chunked":
+                _transfer_coding(ex.te)
             ex.chunked = True
+            self.wire = self.chunks = 0
+            self.head_left = ex.settings.max_header_size  # for trailer fields
         elif ex.content_length:
             limit = ex.settings.max_body_size
             if limit is not None and ex.content_length > limit:
@@ -341,6 +470,8 @@ class ClientConnection(asyncio.Protocol):
     def _target(self, ex: Exchange) -> None:
         """Check the request target; set what routing and forwarding use."""
         url = ex.url
+        if b"#" in url:
+            raise Reject(400, "a request target carries no #fragment")
         if url[:1] == b"/":
             ex.target = ex.path = url
         elif url == b"*" and ex.method == b"OPTIONS":
@@ -351,7 +482,7 @@ class ClientConnection(asyncio.Protocol):
             cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0),
                       default=len(rest))
             authority, tail = rest[:cut], rest[cut:]
-            if not authority or b"@" in authority:
+            if not authority or not _HOST(authority):
                 raise Reject(400, "invalid request target")
             ex.host_raw = authority
             ex.target = ex.path = tail if tail[:1] == b"/" else b"/" + tail
@@ -381,6 +512,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             pending.append(body)
         ex.pending_size += size
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -417,6 +551,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is not self.current:
             return
         self.current = None
+        self.served += 1
         if self.paused & P_UPSTREAM:
             self.resume(P_UPSTREAM)
         transport = self.transport
@@ -527,6 +662,8 @@ class ClientConnection(asyncio.Protocol):
             status, detail = (501, "unknown method") if known else (400, "invalid request line")
         elif isinstance(exc, HttpParserInvalidURLError):
             status, detail = 400, "invalid request target"
+        elif data.lstrip(b"\r\n").startswith(b"PRI * HTTP/2.0"):
+            status, detail = 505, "HTTP/2 is not supported here: speak HTTP/1.1"
         else:
             status, detail = 400, f"invalid request: {exc}"
         self._refuse(status, detail)
@@ -547,7 +684,21 @@ class ClientConnection(asyncio.Protocol):
             self._enqueue(ex)
         self._pump()  # requests parsed before it (in this read too) are answered first
 
-    def _linger(self) -> None:
+    def timed_out(self, phase: int, limit: float) -> None:
+        """``slowclients.py``: the client took longer than ``limit`` seconds in ``phase``."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if phase == HEAD:
+            self._refuse(408, f"the request head did not arrive within {limit:g}s")
+        elif phase == BODY:
+            self._refuse(408, f"no request body bytes came for {limit:g}s")
+        elif phase == SEND:
+            transport.abort()  # it reads nothing: an answer cut short, never a clean end
+        else:
+            transport.close()  # idle: nothing to answer
+
+    def _linger(self, seconds: float = LINGER) -> None:
         """Close after an answer while the client may still be sending: half-close, drop what
         still comes for a moment, then close; the client reads our answer, not a reset."""
         transport = self.transport
@@ -562,11 +713,29 @@ class ClientConnection(asyncio.Protocol):
             return
         self.paused = 0
         transport.resume_reading()
-        self.lingering = asyncio.get_running_loop().call_later(LINGER, transport.close)
+        self.lingering = asyncio.get_running_loop().call_later(seconds, transport.close)
 
     def __repr__(self) -> str:
         state = ("spliced" if self.splice else "busy" if self.current else "idle")
         return f"<ClientConnection {self.client_ip} {state}>"
+
+
+def _transfer_coding(te: bytes) -> None:
+    """Refuse a Transfer-Encoding other than exactly ``chunked`` (llhttp has let it through).
+
+    Trailing whitespace is an obfuscation probe (``chunked ``): 400. Chunked missing as the
+    last coding, or applied twice, leaves the body's end unknowable: 400 (RFC 9112 §6.3). A
+    well-formed list ending in chunked with other codings before it is 501: we implement only
+    chunked (RFC 9112 §6.1).
+    """
+    if te[-1:] in (b" ", b"\t") or te[:1] in (b" ", b"\t"):
+        raise Reject(400, "Transfer-Encoding value with surrounding whitespace")
+    codings = [c.strip(b" \t").lower() for c in te.split(b",")]
+    if not all(_TOKEN(c.partition(b";")[0].rstrip(b" \t")) for c in codings):
+        raise Reject(400, "malformed Transfer-Encoding")
+    if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        raise Reject(400, "Transfer-Encoding must end in chunked, once")
+    raise Reject(501, "only the chunked transfer-coding is implemented")
 
 
 class _NotReading:

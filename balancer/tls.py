@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import logging
 import ssl
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CIPHERS_TLS12", "TlsError", "check_ca_file", "check_server_pair", "client_context",
-           "reload_server_context", "server_context"]
+if TYPE_CHECKING:
+    from balancer.config import BackendConfig, BackendTlsConfig
+
+__all__ = ["CIPHERS_TLS12", "TlsError", "backend_context", "check_ca_file", "check_server_pair",
+           "client_context", "connect_options", "reload_server_context", "server_context"]
 
 log = logging.getLogger("balancer.tls")
 
@@ -137,3 +141,28 @@ def _reason(exc: ssl.SSLError) -> str:
     if reason:
         return reason.replace("_", " ").lower()
     return str(exc.args[1] if len(exc.args) > 1 else exc)
+
+
+_backend_contexts: dict[BackendTlsConfig, ssl.SSLContext] = {}
+
+
+def backend_context(tls: BackendTlsConfig, label: str = "") -> ssl.SSLContext:
+    """One client context per distinct ``backend_tls`` (shared by the backends that use it:
+    OpenSSL loads a CA bundle once, and sessions can be resumed across them)."""
+    ctx = _backend_contexts.get(tls)
+    if ctx is None:
+        ctx = client_context(tls.ca, tls.verify, label)
+        if len(_backend_contexts) > 256:  # configs come and go on reloads
+            _backend_contexts.clear()
+        _backend_contexts[tls] = ctx
+    return ctx
+
+
+def connect_options(backend: BackendConfig) -> dict[str, Any]:
+    """What ``loop.create_connection`` needs to reach ``backend``: nothing for ``http://``;
+    for ``https://`` the SSLContext and the name to send (SNI) and verify."""
+    if backend.scheme != "https":
+        return {}
+    tls = backend.tls
+    return {"ssl": backend_context(tls, f"{backend.url} ({backend.name})"),
+            "server_hostname": tls.server_name or backend.host}

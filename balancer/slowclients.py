@@ -1,0 +1,122 @@
+"""Client-side timeouts: idle, slow and stalled clients are cut off by one coarse sweep.
+
+No timer per request or per read: a periodic sweep (``interval``, at most 1 s) looks at every
+client connection and derives what it is waiting for from the state the request path keeps
+anyway, so a request costs nothing here. Each connection remembers the phase it was last seen
+in and a progress mark; a phase whose mark has not moved for its limit fires:
+
+======== ========================================= ============== ===========================
+phase    waiting for                               progress mark  limit, then
+======== ========================================= ============== ===========================
+FIRST    the first request on a new connection     (none)         header_timeout: close
+IDLE     the next request on a kept-alive one      answers given  keepalive_timeout: close
+HEAD     the rest of a request head                (none)         header_timeout: 408
+BODY     more of a request body                    body bytes     body_timeout: 408
+SEND     the client to read the answer             bytes buffered send_timeout: abort
+======== ========================================= ============== ===========================
+
+HEAD has no progress mark on purpose: a head trickled a byte a second (slowloris) must still
+arrive whole within ``header_timeout``. FIRST and IDLE ignore bytes that start no request
+(llhttp skips empty lines between requests): a stream of CRLFs keeps no connection. While the
+proxy itself holds a client back (reading paused for a slow backend or a full buffer) no
+client phase runs. A deadline fires up to one interval late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from balancer.proxy import ClientConnection, ProxySettings, ProxyState
+
+__all__ = ["ClientTimers", "FIRST", "IDLE", "HEAD", "BODY", "SEND"]
+
+log = logging.getLogger("balancer.proxy")
+
+NONE, FIRST, IDLE, HEAD, BODY, SEND = range(6)
+NAMES = {FIRST: "header", IDLE: "keepalive", HEAD: "header", BODY: "body", SEND: "send"}
+
+
+class ClientTimers:
+    """The sweep over one ProxyState's connections; counts what it cut, by timeout."""
+
+    __slots__ = ("state", "handle", "fired")
+
+    def __init__(self, state: ProxyState) -> None:
+        self.state = state
+        self.handle: asyncio.TimerHandle | None = None
+        self.fired = {"header": 0, "body": 0, "keepalive": 0, "send": 0}
+
+    @staticmethod
+    def interval(settings: ProxySettings) -> float:
+        """A quarter of the shortest limit, between 50 ms and 1 s."""
+        shortest = min(settings.header_timeout, settings.body_timeout,
+                       settings.keepalive_timeout, settings.send_timeout)
+        return min(1.0, max(0.05, shortest / 4))
+
+    def start(self) -> None:
+        """Make sure a sweep is scheduled (called as connections arrive)."""
+        if self.handle is None:
+            loop = asyncio.get_running_loop()
+            self.handle = loop.call_later(self.interval(self.state.settings), self._sweep)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _sweep(self) -> None:
+        self.handle = None
+        state = self.state
+        settings = state.settings
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        for conn in list(state.connections):
+            try:
+                self._check(conn, t, settings)
+            except Exception:  # a bug must cost this connection, never the sweep
+                log.exception("bug while timing %r", conn)
+                if conn.transport is not None:
+                    conn.transport.abort()
+        if state.connections:
+            self.handle = loop.call_later(self.interval(settings), self._sweep)
+
+    def _check(self, conn: ClientConnection, t: float, settings: ProxySettings) -> None:
+        phase, of, mark = _phase(conn)
+        if phase != conn.timer_phase or of is not conn.timer_of or mark != conn.timer_mark:
+            conn.timer_phase, conn.timer_of, conn.timer_mark = phase, of, mark
+            conn.timer_since = t
+            return
+        if phase == NONE:
+            return
+        limit = (settings.keepalive_timeout if phase == IDLE else
+                 settings.body_timeout if phase == BODY else
+                 settings.send_timeout if phase == SEND else settings.header_timeout)
+        if t - conn.timer_since >= limit:
+            conn.timer_phase = NONE
+            self.fired[NAMES[phase]] += 1
+            conn.timed_out(phase, limit)
+
+
+def _phase(conn: ClientConnection) -> tuple[int, object, int]:
+    """What ``conn`` waits for from its client: (phase, the request concerned, progress)."""
+    transport = conn.transport
+    if (transport is None or conn.splice is not None or conn.lingering is not None
+            or transport.is_closing()):
+        return NONE, None, 0
+    if conn.write_paused:
+        return SEND, conn.current, transport.get_write_buffer_size()
+    if conn.paused:  # we hold the client back: not its fault
+        return NONE, None, 0
+    parsing = conn.parsing
+    if parsing is not None:
+        if not parsing.headers_done:
+            return HEAD, parsing, 0
+        if not parsing.request_done:
+            return BODY, parsing, parsing.body_size
+        return NONE, None, 0
+    if conn.current is None and not conn.backlog:
+        return (FIRST, None, 0) if conn.served == 0 else (IDLE, None, conn.served)
+    return NONE, None, 0
