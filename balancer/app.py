@@ -426,6 +426,7 @@ def _proxy_settings(config: Config) -> ProxySettings:
     ``max_clients`` unset means half the open-files limit (proxy.default_max_clients)."""
     c = config.client
     return ProxySettings(
+        access_log=config.access_log,
         max_body_size=c.max_body_size, max_url_size=c.max_url_size,
         max_header_size=c.max_header_size, max_headers=c.max_headers,
         header_timeout=c.header_timeout, body_timeout=c.body_timeout,
@@ -486,7 +487,7 @@ def _reason(exc: OSError) -> str:
 
 
 def _flush() -> None:
-    for h in logging.getLogger().handlers:
+    for h in (*logging.getLogger().handlers, *logging.getLogger("balancer.access").handlers):
         h.flush()
     sys.stderr.flush()
 

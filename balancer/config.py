@@ -195,6 +195,8 @@ class Config:
     source: str = ""
     #: When set, mutating admin endpoints need ``Authorization: Bearer <token>``.
     admin_token: str | None = None
+    #: One JSON line per request on stderr (logger ``balancer.access``); false turns it off.
+    access_log: bool = True
     #: Nameservers for ``discovery: dns`` backends; empty = the system's (/etc/resolv.conf).
     resolver: tuple[Address, ...] = ()
     #: Limits and timeouts for clients (``client:``).
@@ -391,7 +393,7 @@ def _positive_duration(v: Any) -> float:
 
 
 _TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout", "admin_token",
-             "resolver", "client", "tls"}
+             "access_log", "resolver", "client", "tls"}
 _CLIENT_KEYS = {"header_timeout", "body_timeout", "keepalive_timeout", "send_timeout",
                 "max_clients", "max_body_size", "max_header_size", "max_url_size", "max_headers"}
 _TLS_KEYS = {"cert", "key"}
@@ -448,6 +450,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
                   Address("127.0.0.1", 9100))
     drain = r.get(top, "drain_timeout", "", parse_duration, 30.0)
     admin_token = r.get(top, "admin_token", "", _text, None)
+    access_log = r.get(top, "access_log", "", _bool, True)
     resolver = _resolver(r, top.get("resolver"))
     guard = _guard(r, top.get("guard"))
     pools = _pools(r, top.get("pools"))
@@ -458,7 +461,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(r.problems, source)
     return Config(pools=MappingProxyType(pools), routes=routes, listen=listen, admin=admin,
                   guard=guard, drain_timeout=drain, source=source, admin_token=admin_token,
-                  resolver=resolver, client=client, tls=tls)
+                  access_log=access_log, resolver=resolver, client=client, tls=tls)
 
 
 def _client(r: _Reader, raw: Any) -> ClientConfig:

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import TextIO
 
+from balancer.accesslog import AccessLogHandler
+
 #: The logger the proxy writes its access log to; its lines are passed through bare.
 ACCESS_LOGGER = "balancer.access"
 
@@ -43,7 +45,11 @@ def setup_logging(level: int | str | None = None, stream: TextIO | None = None) 
     access = logging.getLogger(ACCESS_LOGGER)
     for h in [h for h in access.handlers if getattr(h, "_balancer", False)]:
         access.removeHandler(h)
-    access.addHandler(_handler(out, logging.Formatter("%(message)s")))
+    # Batched: one write per burst of requests rather than a syscall per line.
+    batched = AccessLogHandler(out)
+    batched.setFormatter(logging.Formatter("%(message)s"))
+    batched._balancer = True  # type: ignore[attr-defined]
+    access.addHandler(batched)
     access.propagate = False
     # aiohttp's own access log would repeat, less usefully, what the admin app already says.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
