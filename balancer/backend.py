@@ -32,6 +32,7 @@ class Backend:
         "healthy", "health_reason", "ejected_until", "ejections", "consecutive_failures",
         "in_flight", "ewma", "ewma_stamp",
         "requests_by_class", "requests_total", "errors", "latency_counts", "latency_sum",
+        "retries",
         "connections", "draining",
     )
 
@@ -60,6 +61,9 @@ class Backend:
         self.errors: dict[str, int] = {}
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
+        # Requests that failed here before any answer reached the client and went to another
+        # backend (exchange.py counts them; a stale pooled connection re-sent is not one).
+        self.retries = 0
 
         # Owned by upstream.py (the connection pool to this server); opaque here.
         self.connections: Any = None

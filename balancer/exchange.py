@@ -13,7 +13,10 @@ Failure rules (each answer is a short JSON body carrying the request id):
   whose body so far fits the replay buffer (``REPLAY_LIMIT``); otherwise 502. A pooled
   keep-alive connection the backend had already closed (no byte came back) is retried on a
   fresh connection to the same backend without counting against it;
-- nothing comes back within ``timeouts.read`` → 504 (not retried: it would multiply the wait);
+- nothing comes back within ``timeouts.read`` → an idempotent request is tried once more on
+  another backend (a hung backend costs its clients one wait, not an error); a second timeout,
+  a non-idempotent request, or no other backend → 504. Once only, so that the wait is bounded
+  by twice ``timeouts.read``;
 - an answer cut short after bytes reached the client → the client connection is aborted, so a
   truncated body is never taken for a complete one.
 
@@ -165,7 +168,8 @@ class Exchange:
         "pending", "pending_size", "replay", "replay_size", "replayable",
         # Forwarding
         "pool", "head", "ctx", "tried", "attempts", "backend", "backend_name", "upstream",
-        "sent", "stale_retry", "last_error", "deadline", "timer_mark", "task", "started",
+        "sent", "stale_retry", "last_error", "last_status", "timed_out", "deadline",
+        "timer_mark", "task", "started",
         # The answer
         "status", "out", "out_framing", "head_built", "committed", "close", "abort",
         "bytes_out", "finished", "client_gone",
@@ -208,6 +212,8 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.sent = self.stale_retry = self.started = False
         self.last_error = ""
+        self.last_status = 502  # the answer when no attempt is left: 504 after a timeout
+        self.timed_out = False  # an attempt got no answer within timeouts.read
         self.deadline = 0.0  # > 0 while watched by the Deadlines sweep
         self.timer_mark = 0
         self.task: asyncio.Task[None] | None = None
@@ -308,7 +314,9 @@ class Exchange:
 
     def _no_backend(self, reason: str) -> None:
         name = self.pool.name  # type: ignore[union-attr]
-        if self.tried:
+        if self.tried and self.last_status == 504:
+            self.respond_local(504, self.last_error)
+        elif self.tried:
             self.respond_local(502, f"no backend of pool {name} answered after "
                                     f"{self.attempts} attempt(s); last: {self.last_error}")
         elif reason == "overload":
@@ -321,6 +329,8 @@ class Exchange:
         """Send to ``backend`` (a slot is taken): on a pooled connection, else a new one."""
         self.backend = backend
         self.attempts += 1
+        if self.tried:  # a retry: counted against the backend whose failure caused it
+            self.tried[-1].retries += 1
         upool = backend.connections
         if upool is None:
             upool = backend.connections = UpstreamPool(backend)
@@ -353,6 +363,7 @@ class Exchange:
         self._finish_backend(0, error="connect", latency=None)
         self.tried += (backend,)
         self.last_error = f"{backend.name}: {detail}"
+        self.last_status = 502
         if self.attempts <= self.pool.config.retries and self.replayable:  # type: ignore
             self._attempt()
         else:
@@ -579,12 +590,19 @@ class Exchange:
         self.head_built = False
         backend = self.backend
         assert backend is not None and self.pool is not None
+        safe = self.method in IDEMPOTENT and self.replayable
         if kind == "timeout":
             self._finish_backend(0, error=kind, latency=now() - self.t_sent)
-            self.respond_local(504, f"backend {backend.name} did not answer within "
-                                    f"{self.pool.config.timeouts.read:g}s")
+            self.last_error = (f"backend {backend.name} did not answer within "
+                               f"{self.pool.config.timeouts.read:g}s")
+            self.last_status = 504
+            if safe and not self.timed_out and self.attempts <= self.pool.config.retries:
+                self.timed_out = True  # once: a second timeout is answered (the wait is bounded)
+                self.tried += (backend,)
+                self._attempt()  # another backend, or 504 when there is none (_no_backend)
+                return
+            self.respond_local(504, self.last_error)
             return
-        safe = self.method in IDEMPOTENT and self.replayable
         if safe and up.reused and up.received == 0 and not self.stale_retry:
             # A pooled connection the backend had closed: not the backend's failure.
             self.stale_retry = True
@@ -592,6 +610,7 @@ class Exchange:
             return
         self._finish_backend(0, error=kind, latency=None)
         self.last_error = f"{backend.name}: {detail}"
+        self.last_status = 502
         if safe and self.attempts <= self.pool.config.retries:
             self.tried += (backend,)
             self._attempt()

@@ -95,6 +95,10 @@ class BalancerCollector(Collector):
         errors = CounterMetricFamily("balancer_upstream_errors",
                                      "Failed upstream attempts, by kind (connect, timeout, "
                                      "reset, ...).", labels=lb + ["kind"])
+        retries = CounterMetricFamily("balancer_upstream_retries",
+                                      "Requests that failed on the backend before any byte of "
+                                      "the answer reached the client, and were sent to another "
+                                      "backend.", labels=lb)
         weight = GaugeMetricFamily("balancer_backend_weight", "Configured weight.", labels=lb)
         limit = GaugeMetricFamily("balancer_backend_max_connections",
                                   "Configured in-flight limit (absent when unlimited).",
@@ -122,13 +126,14 @@ class BalancerCollector(Collector):
                 share.add_metric(lv, shares.get(b.key, 0.0))
                 for kind, n in sorted({**ERROR_KINDS, **b.errors}.items()):
                     errors.add_metric(lv + [kind], n)
+                retries.add_metric(lv, b.retries)
                 weight.add_metric(lv, b.weight)
                 if b.max_connections is not None:
                     limit.add_metric(lv, b.max_connections)
                 ejections.add_metric(lv, b.ejections)
                 state.add_metric(lv + [b.state(now)], 1)
-        yield from (requests, duration, in_flight, up, share, errors, weight, limit, ejections,
-                    state)
+        yield from (requests, duration, in_flight, up, share, errors, retries, weight, limit,
+                    ejections, state)
 
     # --- per pool ------------------------------------------------------------------------
 

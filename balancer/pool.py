@@ -123,14 +123,18 @@ class Pool:
         if now - self._checked_at >= STATE_TTL:
             self._refresh(now)
         overloaded = False
-        if self._primary_up or self.panic:
+        primaries = bool(self._primary_up or self.panic)
+        if primaries:
             panic = self.panic
             for b in self.strategy.candidates(ctx):
                 if (panic or b.available(now)) and b not in exclude:
                     if not b.full:
                         return b
                     overloaded = True
-        elif self.backup_strategy is not None:
+        # A retry (``exclude``) that has been through every primary in rotation may go to a
+        # backup: a primary that just died must not cost the client an error while a backup
+        # is up. (First attempts, and the guard's simulation, never get here with primaries.)
+        if self.backup_strategy is not None and (not primaries or (exclude and not overloaded)):
             for b in self.backup_strategy.candidates(ctx):
                 if b.available(now) and b not in exclude:
                     if not b.full:

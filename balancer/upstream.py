@@ -73,6 +73,10 @@ class BadResponse(Exception):
     """A response the proxy will not pass on (raised from a parser callback; becomes a 502)."""
 
 
+class _Surplus(Exception):
+    """Raised from a parser callback: the response is complete and more is coming."""
+
+
 class ResponseSink(Protocol):
     """What an UpstreamConnection reports to (the proxy's per-request object)."""
 
@@ -191,20 +195,37 @@ class UpstreamConnection(asyncio.Protocol):
             return
         except HttpParserError as exc:
             cause = exc.__context__
-            if isinstance(cause, BadResponse):
-                sink.upstream_failed("protocol", str(cause))
-            elif cause is not None and not isinstance(cause, HttpParserError):
-                log.error("bug while handling a response from %s", self.upstream.backend.url,
-                          exc_info=cause)
-                sink.upstream_failed("protocol", "internal error")
+            if self.complete and self.status >= 200 and (
+                    cause is None or isinstance(cause, (_Surplus, HttpParserError))):
+                # Bytes past the end of a complete response (a body longer than its
+                # Content-Length, a second response): the parser framed the answer, which goes
+                # on as framed; the rest is dropped with the connection (never reused, never
+                # read as the next answer). What the client gets never depends on how the
+                # backend's bytes were split into reads.
+                self.garbage = True
+                self.keep_alive = False
+                log.warning("backend %s sent bytes past the end of a response; connection "
+                            "dropped", self.upstream.backend.url)
             else:
-                sink.upstream_failed("protocol", f"invalid response: {exc}")
-            return
+                self._failed(sink, exc, cause)
+                return
         try:
             sink.upstream_data_done()
         except Exception:  # a bug must cost this request, not leave it hanging
             log.exception("bug while relaying a response from %s", self.upstream.backend.url)
             sink.upstream_failed("protocol", "internal error")
+
+    def _failed(self, sink: ResponseSink, exc: HttpParserError,
+                cause: BaseException | None) -> None:
+        """The response could not be parsed: tell the sink why."""
+        if isinstance(cause, BadResponse):
+            sink.upstream_failed("protocol", str(cause))
+        elif cause is not None and not isinstance(cause, HttpParserError):
+            log.error("bug while handling a response from %s", self.upstream.backend.url,
+                      exc_info=cause)
+            sink.upstream_failed("protocol", "internal error")
+        else:
+            sink.upstream_failed("protocol", f"invalid response: {exc}")
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
@@ -237,8 +258,8 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.complete:
-            self.garbage = True  # a second response to one request
+        if self.complete:  # a second response to one request: stop parsing here
+            raise _Surplus
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
