@@ -98,6 +98,22 @@ def _status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
+#: IP addresses (with a port) and ('host', port) tuples in OS error texts.
+_ADDRESS = re.compile(r"\[[0-9A-Fa-f:.]+\](?::\d+)?|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"
+                      r"|\('[^']*', \d+\)")
+
+
+def public_detail(detail: str, backends: Any) -> str:
+    """``detail`` as a client may read it: where backends are (URL, host:port, host, any IP
+    address) is replaced by their place in the pool (``backend #2``). Client-side hardening:
+    error pages must not map the inside; the full text goes to the log."""
+    for i, b in enumerate(backends, 1):
+        for text in (b.url, f"[{b.host}]:{b.port}", f"{b.host}:{b.port}", b.host):
+            if text in detail:
+                detail = detail.replace(text, f"backend #{i}")
+    return _ADDRESS.sub("<address>", detail)
+
+
 def error_response(status: int, request_id: bytes, detail: str, close: bool,
                    retry_after: int | None = None) -> bytes:
     """A short JSON answer the proxy gives itself: what went wrong, and the request id."""
@@ -643,6 +659,12 @@ class Exchange:
                  or self.websocket or self.reject is not None)
         self.status = status
         self.close = close
+        if status >= 500 and self.pool is not None:  # no backend addresses to the client
+            public = public_detail(detail, self.pool.backends)
+            if public != detail:
+                log.info("request %s answered %d: %s", self.rid.decode("latin-1"), status,
+                         detail)
+                detail = public
         transport = conn.transport
         if transport is not None and not transport.is_closing():
             transport.write(error_response(status, self.rid, detail, close, retry_after))

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from balancer.tls import connect_options
+
 if TYPE_CHECKING:
     from balancer.backend import Backend
 
@@ -357,7 +359,7 @@ class UpstreamPool:
     """The idle keep-alive connections to one backend, and how to open new ones."""
 
     __slots__ = ("backend", "idle", "max_idle", "idle_timeout", "closed", "opened",
-                 "_loop", "_sweep", "_ssl")
+                 "_loop", "_sweep", "_ssl", "_sni")
 
     def __init__(self, backend: Backend, max_idle: int = MAX_IDLE,
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
@@ -369,9 +371,11 @@ class UpstreamPool:
         self.opened = 0  # connections opened over the pool's life
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweep: asyncio.TimerHandle | None = None
-        self._ssl: ssl.SSLContext | None = None
-        if backend.scheme == "https":
-            self._ssl = ssl.create_default_context()
+        # https:// backends: the pool's backend_tls decides the CA, verification and the name
+        # sent and checked (SNI); one context per setting (balancer/tls.py, client-side edit).
+        tls = connect_options(backend.config)
+        self._ssl: ssl.SSLContext | None = tls.get("ssl")
+        self._sni: str | None = tls.get("server_hostname")
 
     def get(self) -> UpstreamConnection | None:
         """The most recently used idle connection still open, or None."""
@@ -390,7 +394,7 @@ class UpstreamPool:
         b = self.backend
         _, conn = await asyncio.wait_for(
             loop.create_connection(lambda: UpstreamConnection(self), b.host, b.port,
-                                   ssl=self._ssl, server_hostname=b.host if self._ssl else None),
+                                   ssl=self._ssl, server_hostname=self._sni),
             timeout)
         self.opened += 1
         return conn  # type: ignore[return-value]

@@ -384,8 +384,6 @@ async def test_odd_but_valid_requests_are_forwarded_in_one_canonical_shape(
 # --------------------------------------------------------------------------- doors
 
 
-@pytest.mark.xfail(strict=True, reason="exchange.py puts backend names (host:port by default) "
-                   "in 502/504 details: fix pending with the owner of exchange.py")
 async def test_error_pages_name_no_backend_address_and_carry_no_trace() -> None:
     """A backend that cannot be reached: the 502 says so without its address or port."""
     from tests.support.proxy import refused_port
