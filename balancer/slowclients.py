@@ -12,7 +12,7 @@ FIRST    the first request on a new connection     (none)         header_timeout
 IDLE     the next request on a kept-alive one      answers given  keepalive_timeout: close
 HEAD     the rest of a request head                (none)         header_timeout: 408
 BODY     more of a request body                    body bytes     body_timeout: 408
-SEND     the client to read the answer             bytes buffered send_timeout: abort
+SEND     the client to read the answer             bytes unsent   send_timeout: abort
 ======== ========================================= ============== ===========================
 
 HEAD has no progress mark on purpose: a head trickled a byte a second (slowloris) must still
@@ -20,13 +20,20 @@ arrive whole within ``header_timeout``. FIRST and IDLE ignore bytes that start n
 (llhttp skips empty lines between requests): a stream of CRLFs keeps no connection. While the
 proxy itself holds a client back (reading paused for a slow backend or a full buffer) no
 client phase runs. A deadline fires up to one interval late.
+
+SEND counts bytes not yet acknowledged by the client, ours and the kernel's (``TIOCOUTQ``):
+the kernel buffers megabytes on a fast link, and a client reading slowly but steadily frees
+them long before the transport's own buffer moves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
-from typing import TYPE_CHECKING
+import struct
+import termios
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from balancer.proxy import ClientConnection, ProxySettings, ProxyState
@@ -107,7 +114,7 @@ def _phase(conn: ClientConnection) -> tuple[int, object, int]:
             or transport.is_closing()):
         return NONE, None, 0
     if conn.write_paused:
-        return SEND, conn.current, transport.get_write_buffer_size()
+        return SEND, conn.current, transport.get_write_buffer_size() + _unacked(transport)
     if conn.paused:  # we hold the client back: not its fault
         return NONE, None, 0
     parsing = conn.parsing
@@ -120,3 +127,15 @@ def _phase(conn: ClientConnection) -> tuple[int, object, int]:
     if conn.current is None and not conn.backlog:
         return (FIRST, None, 0) if conn.served == 0 else (IDLE, None, conn.served)
     return NONE, None, 0
+
+
+def _unacked(transport: Any) -> int:
+    """Bytes the kernel holds for the client, sent or not, not yet acknowledged (0 if unknown)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", raw)[0])
