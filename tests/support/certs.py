@@ -2,7 +2,8 @@
 
 ``make_ca`` makes a CA; ``issue`` a server certificate it signs for loopback (``localhost``,
 127.0.0.1, ::1) or other names; ``self_signed`` a certificate no CA vouches for. EC P-256 keys:
-quick to make, so every test module can have its own.
+quick to make, so every test module can have its own (``rsa=True`` for an RSA 2048 server key,
+where a test needs RSA key exchange offered).
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ def _openssl(*args: str | Path) -> None:
     subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
 
 
-def _key(path: Path) -> Path:
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path)
+def _key(path: Path, rsa: bool = False) -> Path:
+    if rsa:
+        _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", path)
+    else:
+        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                 "-out", path)
     return path
 
 
@@ -40,9 +45,9 @@ def make_ca(folder: Path, name: str = "test-ca") -> Pair:
 
 
 def issue(folder: Path, ca: Pair, name: str = "server",
-          names: tuple[str, ...] = LOOPBACK_NAMES) -> Pair:
+          names: tuple[str, ...] = LOOPBACK_NAMES, rsa: bool = False) -> Pair:
     """A server certificate for ``names`` (subjectAltName entries), signed by ``ca``."""
-    key = _key(folder / f"{name}.key")
+    key = _key(folder / f"{name}.key", rsa)
     csr = folder / f"{name}.csr"
     cert = folder / f"{name}.pem"
     ext = folder / f"{name}.ext"
