@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from statistics import median
+from typing import Any
 
 from bench.load import LoadResult
 
@@ -48,6 +49,9 @@ class Summary:
     scenario: str
     rps: float
     ratio: float | None
+    #: nginx's CPU per request ÷ this proxy's, same round: the share of nginx's capacity this
+    #: proxy reaches on one saturated core (steadier than requests/s on a shared machine).
+    cpu_ratio: float | None
     p50_ms: float
     p99_ms: float
     cpu_us: float
@@ -72,14 +76,18 @@ def summarise(ms: list[Measurement], reference: str = "nginx") -> list[Summary]:
     for m in ms:
         by_key.setdefault((m.scenario, m.proxy), []).append(m)
     ref = {(m.scenario, m.round): m.load.rps for m in ms if m.proxy == reference}
+    ref_cpu = {(m.scenario, m.round): m.cpu_us_per_request for m in ms if m.proxy == reference}
     out: list[Summary] = []
     for (scenario, proxy), group in by_key.items():
         ratios = [m.load.rps / ref[(scenario, m.round)] for m in group
                   if ref.get((scenario, m.round))]
+        cpu_ratios = [ref_cpu[(scenario, m.round)] / m.cpu_us_per_request for m in group
+                      if ref_cpu.get((scenario, m.round)) and m.cpu_us_per_request]
         out.append(Summary(
             proxy=proxy, scenario=scenario,
             rps=median(m.load.rps for m in group),
             ratio=median(ratios) if ratios else None,
+            cpu_ratio=median(cpu_ratios) if cpu_ratios else None,
             p50_ms=median(m.load.p50_ms for m in group),
             p99_ms=median(m.load.p99_ms for m in group),
             cpu_us=median(m.cpu_us_per_request for m in group),
@@ -96,22 +104,36 @@ def summarise(ms: list[Measurement], reference: str = "nginx") -> list[Summary]:
     return out
 
 
+def load_results(raw: dict[str, Any]) -> Results:
+    """Results back from the JSON run.py writes (``--report FILE`` re-prints its tables)."""
+    ms = []
+    for m in raw["measurements"]:
+        fields = dict(m)
+        fields["load"] = LoadResult(**fields["load"])
+        ms.append(Measurement(**fields))
+    return Results(ms, dict(raw.get("peak_rss_kib", {})), dict(raw.get("idle_bytes", {})))
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     align = ["---"] + ["---:"] * (len(header) - 1)
     lines = [header, align, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "—"
+
+
 def detail_table(summaries: list[Summary]) -> str:
-    rows = [[s.scenario, s.proxy, f"{s.rps:,.0f}",
-             f"{s.ratio:.2f}" if s.ratio is not None else "—",
+    rows = [[s.scenario, s.proxy, f"{s.rps:,.0f}", _ratio(s.ratio), _ratio(s.cpu_ratio),
              f"{s.p50_ms:.2f}", f"{s.p99_ms:.2f}",
              f"{s.cpu_us:.1f} ({s.system_share:.0%} kernel)",
              f"{s.proxy_busy:.0%} / {s.load_busy:.0%}", str(s.errors),
              f"{s.foreign_max:.0%}" + (f" ({s.disturbed_rounds} disturbed)"
                                        if s.disturbed_rounds else "")]
             for s in summaries]
-    return _table(["load", "proxy", "requests/s", "ratio to nginx", "p50 ms", "p99 ms",
+    return _table(["load", "proxy", "requests/s", "ratio to nginx", "CPU ratio", "p50 ms",
+                   "p99 ms",
                    "CPU µs/request", "core busy: proxy / backend+load", "errors",
                    "foreign CPU (max)"], rows)
 
@@ -130,7 +152,7 @@ def headline_table(summaries: list[Summary], results: Results) -> str:
             elif s.ratio is None:
                 row.append(f"{s.rps:,.0f} rps")
             else:
-                row.append(f"{s.ratio:.2f} ({s.rps:,.0f} rps)")
+                row.append(f"{s.ratio:.2f} / {_ratio(s.cpu_ratio)} ({s.rps:,.0f} rps)")
         first = cell.get((proxy, SCENARIOS[0][0]))
         row.append(f"{first.cpu_us:.1f}" if first else "—")
         row.append(f"{first.p99_ms:.2f}" if first else "—")
@@ -139,6 +161,6 @@ def headline_table(summaries: list[Summary], results: Results) -> str:
         idle = results.idle_bytes.get(proxy)
         row.append(f"{idle:,.0f}" if idle is not None else "—")
         rows.append(row)
-    return _table(["proxy", *(name for name, _, _ in SCENARIOS),
+    return _table(["proxy", *(f"{name}: rps ratio / CPU ratio" for name, _, _ in SCENARIOS),
                    f"CPU µs/req ({SCENARIOS[0][0]})", f"p99 ms ({SCENARIOS[0][0]})",
                    "peak RSS MiB", "bytes / idle conn"], rows)

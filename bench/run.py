@@ -38,6 +38,7 @@ from bench.report import (
     Results,
     detail_table,
     headline_table,
+    load_results,
     summarise,
 )
 from bench.servers import (
@@ -74,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="re-runs of a measurement disturbed by foreign CPU load (default 2; "
                          "quick 0)")
     ap.add_argument("--json", type=Path, help="write raw results here (default bench/results/)")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="measure nothing: print the tables of an earlier run's raw results")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (2.0 if args.quick else 10.0)
@@ -270,8 +273,19 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def print_tables(results: Results) -> None:
+    summaries = summarise(results.measurements)
+    print("\n## Per load (median of rounds; ratios = median of same-round ratios to nginx)\n")
+    print(detail_table(summaries))
+    print("\n## Summary\n")
+    print(headline_table(summaries, results))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print_tables(load_results(json.loads(args.report.read_text())))
+        return 0
     budget = args.rounds * len(SCENARIOS) * 3 * (args.duration + 5) * (args.retries + 1) + 300
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGALRM, _on_signal)
@@ -290,11 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
             signal.alarm(0)
-    summaries = summarise(results.measurements)
-    print("\n## Per load (median of rounds; ratio = median of same-round ratios to nginx)\n")
-    print(detail_table(summaries))
-    print("\n## Summary\n")
-    print(headline_table(summaries, results))
+    print_tables(results)
     out = args.json or REPO / "bench" / "results" / time.strftime("run-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

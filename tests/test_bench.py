@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -100,17 +101,31 @@ def test_parse_wrk_reads_totals_percentiles_and_errors() -> None:
                            p99_ms=1.2, errors=3, non2xx=4)
 
 
-def _m(proxy: str, rnd: int, rps: float) -> Measurement:
+def _m(proxy: str, rnd: int, rps: float, cpu_us: float = 10.0) -> Measurement:
     load = LoadResult(int(rps), 1.0, rps, 1.0, 2.0, 0, 0)
-    return Measurement(proxy, "small c64", rnd, load, 10.0, {"proxy cpu": 0.0})
+    return Measurement(proxy, "small c64", rnd, load, cpu_us, {"proxy cpu": 0.0})
 
 
-def test_ratio_is_the_median_of_same_round_ratios() -> None:
-    # nginx drifts between rounds; balancer's ratio to it within each round is 0.5, 0.6, 0.5.
-    ms = [_m("nginx", 1, 100.0), _m("balancer", 1, 50.0),
-          _m("nginx", 2, 50.0), _m("balancer", 2, 30.0),
-          _m("nginx", 3, 80.0), _m("balancer", 3, 40.0)]
+def test_ratios_are_the_median_of_same_round_ratios() -> None:
+    # nginx drifts between rounds; balancer's ratio to it within each round is 0.5, 0.6, 0.5,
+    # and its CPU per request is 2x, 4x, 2.5x nginx's.
+    ms = [_m("nginx", 1, 100.0, 10.0), _m("balancer", 1, 50.0, 20.0),
+          _m("nginx", 2, 50.0, 12.0), _m("balancer", 2, 30.0, 48.0),
+          _m("nginx", 3, 80.0, 10.0), _m("balancer", 3, 40.0, 25.0)]
     by_proxy = {s.proxy: s for s in summarise(ms)}
-    assert by_proxy["nginx"].ratio == 1.0
+    assert by_proxy["nginx"].ratio == 1.0 and by_proxy["nginx"].cpu_ratio == 1.0
     assert by_proxy["balancer"].ratio == pytest.approx(0.5)
+    assert by_proxy["balancer"].cpu_ratio == pytest.approx(0.4)
     assert by_proxy["balancer"].rps == 40.0
+
+
+def test_report_reprints_a_saved_run(tmp_path: Path) -> None:
+    raw = {"measurements": [asdict(_m("nginx", 1, 100.0)), asdict(_m("balancer", 1, 50.0))],
+           "peak_rss_kib": {"balancer": 2048}, "idle_bytes": {"balancer": 1500.0}}
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(raw))
+    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--report", str(saved)],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    row = next(ln for ln in done.stdout.splitlines() if ln.startswith("| balancer |"))
+    assert "0.50 / 1.00 (50 rps)" in row and "2.0" in row and "1,500" in row, row
