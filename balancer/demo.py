@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -87,12 +88,24 @@ async def run_demo(port: int, admin_port: int) -> int:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    temp_dirs: list[str] = []
+
+    def on_stop(sig: int) -> None:
+        if stop.is_set():  # a second Ctrl-C: do not wait for the drain (as `balancer run`)
+            print("balancer demo: stopped without waiting for in-flight requests",
+                  file=sys.stderr, flush=True)
+            for d in temp_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            os._exit(128 + sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
     app: App | None = None
     backends = await start_backends(demo_backend_names())
     try:
         with tempfile.TemporaryDirectory(prefix="balancer-demo-") as tmp:
+            temp_dirs.append(tmp)
             path = str(Path(tmp) / "demo.yaml")
             Path(path).write_text(yaml.safe_dump(demo_config(backends, port, admin_port),
                                                  sort_keys=False))

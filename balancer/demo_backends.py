@@ -90,7 +90,10 @@ async def start_backends(names: list[str], host: str = "127.0.0.1") -> list[Demo
     started: list[DemoBackend] = []
     try:
         for name in names:
-            runner = web.AppRunner(demo_app(name), access_log=None, handle_signals=False)
+            # Stopped after the proxy has drained: nothing of theirs is still in flight that
+            # deserves a wait (a /slow?ms=60000 the drain gave up on does not).
+            runner = web.AppRunner(demo_app(name), access_log=None, handle_signals=False,
+                                   shutdown_timeout=1.0)
             await runner.setup()
             backend = DemoBackend(name, 0, runner)
             started.append(backend)
