@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -67,7 +68,7 @@ def demo_app(name: str) -> web.Application:
     return app
 
 
-def _json(body: dict[str, object], name: str) -> web.Response:
+def _json(body: Mapping[str, object], name: str) -> web.Response:
     return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json",
                         headers={"X-Backend": name})
 

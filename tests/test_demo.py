@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -76,7 +77,7 @@ class Demo:
 
 
 @pytest.fixture
-def demo():
+def demo() -> Iterator[Callable[..., Demo]]:
     started: list[Demo] = []
 
     def start(*args: str) -> Demo:
@@ -88,7 +89,7 @@ def demo():
         d.kill()
 
 
-async def test_demo_balances_streams_and_stops_on_sigterm(demo) -> None:
+async def test_demo_balances_streams_and_stops_on_sigterm(demo: Callable[..., Demo]) -> None:
     d = demo("--port", "0", "--admin-port", "0")
     url = (await d.printed(r"^Proxy: (http://127\.0\.0\.1:\d+)/"))[1]
     timeout = aiohttp.ClientTimeout(total=WAIT)
@@ -129,7 +130,7 @@ async def test_demo_balances_streams_and_stops_on_sigterm(demo) -> None:
         socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=2).close()
 
 
-async def test_demo_exits_0_on_ctrl_c(demo) -> None:
+async def test_demo_exits_0_on_ctrl_c(demo: Callable[..., Demo]) -> None:
     d = demo("--port", "0", "--admin-port", "0")
     await d.printed(r"^Proxy: ")
     d.proc.send_signal(signal.SIGINT)
@@ -137,7 +138,7 @@ async def test_demo_exits_0_on_ctrl_c(demo) -> None:
     assert not [ln for ln in d.err if "Traceback" in ln], d.output()
 
 
-async def test_demo_port_taken_is_one_clear_line(demo) -> None:
+async def test_demo_port_taken_is_one_clear_line(demo: Callable[..., Demo]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
