@@ -167,8 +167,11 @@ class App:
             self.server.close()
             raise StartError(f"cannot start {type(service).__name__}: {exc}") from None
         self.started_at = time.time()
+        # The admin service knows its bound port (the config may have asked for port 0).
+        admin = next((getattr(s, "address", None) for s in self.services
+                      if getattr(s, "address", None) is not None), self.config.admin)
         log.info("balancer %s listening on %s (admin %s); %s", __version__,
-                 self.address, self.config.admin, describe_pools(self.config))
+                 self.address, admin, describe_pools(self.config))
         for warning in self.report.warnings:
             log.warning("%s", warning)
 
