@@ -343,7 +343,8 @@ def _join(path: str, key: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    return {list: "a list", dict: "a mapping", str: "a string"}.get(type(value), repr(value))
+    kinds: dict[type, str] = {list: "a list", dict: "a mapping", str: "a string"}
+    return kinds.get(type(value), repr(value))
 
 
 def _closest(key: str, allowed: set[str]) -> str | None:
