@@ -691,8 +691,9 @@ def record_figure(family: str, **figures: Any) -> None:
     reliability.py sets it and turns the lines into docs/reliability.md); no-op otherwise."""
     path = os.environ.get("BALANCER_FIGURES")
     if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"family": family, **figures}) + "\n")
+            f.write(json.dumps({"family": family, "test": test, **figures}) + "\n")
 
 
 # --------------------------------------------------------------------------- main
