@@ -204,7 +204,7 @@ class ClientConnection(asyncio.Protocol):
         # Ending: close after the current answer; dropping what still comes; spliced bytes
         "closing", "lingering", "held", "held_size", "splice", "_pumping",
         # Limits: answers given; framing bytes and chunks of the chunked body being read
-        "served", "wire", "chunks",
+        "served", "wire", "chunks", "eof",
         # What slowclients.py last saw this connection wait for, and since when
         "timer_phase", "timer_of", "timer_mark", "timer_since",
     )
@@ -229,6 +229,7 @@ class ClientConnection(asyncio.Protocol):
         self.splice: Exchange | None = None
         self._pumping = False
         self.served = self.wire = self.chunks = 0
+        self.eof = False  # the client half-closed: nothing more will come
         self.timer_phase = NONE
         self.timer_of: object = None
         self.timer_mark = 0
@@ -323,7 +324,7 @@ class ClientConnection(asyncio.Protocol):
         whose body is cut short this way can never complete: 400."""
         if self.current is None and not self.backlog or self.splice is not None:
             return None
-        self.closing = True
+        self.closing = self.eof = True
         parsing = self.parsing
         if parsing is not None and parsing.counted and self.lingering is None:
             self._refuse(400, "the client closed its side before the request body was complete")
@@ -710,6 +711,9 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if self.lingering is not None and self.lingering is not _NOT_READING:
+            return
+        if self.eof:  # the client sends nothing more: no reset to fear, close (after writes)
+            transport.close()
             return
         try:
             if transport.can_write_eof():
