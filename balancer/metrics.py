@@ -71,6 +71,9 @@ class BalancerCollector(Collector):
             yield GaugeMetricFamily("balancer_start_time_seconds",
                                     "When this balancer process started (unix time).",
                                     value=started)
+        state = getattr(self.app, "state", None)  # the client side (balancer/proxy.py)
+        if state is not None and hasattr(state, "timers"):
+            yield from _client_metrics(state)
 
     # --- per backend ---------------------------------------------------------------------
 
@@ -169,6 +172,21 @@ class BalancerCollector(Collector):
             if self.monitor is not None:
                 window.add_metric([pool.name], self.monitor.window_requests(pool.name))
         yield from (rejected, concentrated, panic, waiting, window)
+
+
+def _client_metrics(state: Any) -> Iterator[Metric]:
+    """Client connections: open, cut off by a timeout (slowclients.py), turned away."""
+    yield GaugeMetricFamily("balancer_client_connections", "Open client connections.",
+                            value=len(state.connections))
+    timeouts = CounterMetricFamily(
+        "balancer_client_timeouts", "Client connections cut off, by the timeout that fired "
+        "(header, body, keepalive, send).", labels=["timeout"])
+    for kind, n in state.timers.fired.items():
+        timeouts.add_metric([kind], n)
+    yield timeouts
+    yield CounterMetricFamily("balancer_client_connections_refused",
+                              "Client connections answered 503 because max_clients was reached.",
+                              value=state.turned_away)
 
 
 def build_registry(app: Any, monitor: Monitor | None = None) -> CollectorRegistry:

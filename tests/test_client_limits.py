@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
+import aiohttp
 import pytest
 import uvloop
 
@@ -326,9 +327,9 @@ async def test_client_settings_reach_a_running_balancer(tmp_path: Path) -> None:
     """``balancer run`` with ``client:`` in its config: a slowloris is cut off after
     header_timeout, and a client beyond max_clients is answered 503."""
     async with parsing_backend() as a, parsing_backend() as b:
-        port = free_port()
+        port, admin = free_port(), free_port()
         config = write_config(tmp_path / "b.yaml", {
-            "listen": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{free_port()}",
+            "listen": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}",
             "client": {"header_timeout": "500ms", "max_clients": 2},
             "pools": {"web": pool_config([a.port, b.port])}})
         async with BalancerProcess(config) as proc:
@@ -348,8 +349,13 @@ async def test_client_settings_reach_a_running_balancer(tmp_path: Path) -> None:
             turned = await fourth.response()
             for c in (first, third, fourth):
                 await c.close()
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"http://127.0.0.1:{admin}/metrics") as m:
+                    metrics = await m.text()
             assert "Traceback" not in proc.log
     record("slow clients", "client: settings through balancer run", status=r.status,
            expected=408, ok=r.status == 408 and turned.status == 503)
     assert r.status == 408
     assert turned.status == 503
+    assert 'balancer_client_timeouts_total{timeout="header"} 1.0' in metrics
+    assert "balancer_client_connections_refused_total 1.0" in metrics
