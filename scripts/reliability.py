@@ -266,7 +266,10 @@ def render(client: dict[str, Any], backend: dict[str, Any], info: dict[str, str]
       "— a POST is never sent again, so the client gets the proxy's error; **aborted** — the "
       "answer had begun, so the client connection is cut and the client sees an incomplete "
       "response, never a complete-looking short one; **ok** — not a failure at all (a body "
-      "longer than its length is framed by the parser, the rest dropped with the connection).")
+      "longer than its length is framed by the parser, the rest dropped with the connection). "
+      "One limit HTTP itself sets: an answer with neither a length nor chunks ends when its "
+      "connection does, so one cut short by a clean close cannot be told from a whole one and "
+      "is passed on as complete (a reset still aborts it).")
     w("")
 
     # --- soak
