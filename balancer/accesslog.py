@@ -111,6 +111,16 @@ def write(request_id: bytes, client: str, method: bytes, target: bytes, pool: st
             f'"pool":{_name(pool)},"backend":{_name(backend)},"status":{status},'
             f'"upstream_time":{"null" if upstream_time is None else f"{upstream_time:.6f}"},'
             f'"total_time":{total_time:.6f},"bytes":{bytes_sent}}}')
+    handlers = LOGGER.handlers
+    if len(handlers) == 1:
+        handler = handlers[0]
+        if (type(handler) is AccessLogHandler and handler.direct and not LOGGER.filters
+                and not LOGGER.propagate):
+            # The usual set-up (logs.setup_logging): the batching handler alone, writing the
+            # line as it is. Appending to its batch is what Logger.handle would end up doing,
+            # without the record, the handler lock and the formatter (4.5 -> 2.4 us a line).
+            handler.add(line)
+            return
     LOGGER.handle(AccessRecord(line, now))
 
 
@@ -130,21 +140,34 @@ class AccessLogHandler(logging.Handler):
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
 
+    @property
+    def direct(self) -> bool:
+        """Whether ``write`` may hand lines straight to ``add``: they would be written
+        unchanged (no filter, no level above INFO, no formatter other than ``%(message)s``)."""
+        fmt = self.formatter
+        return (not self.filters and self.level <= _INFO
+                and (fmt is None or (type(fmt) is logging.Formatter
+                                     and fmt._fmt == "%(message)s")))
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            lines = self._lines
-            lines.append(self.format(record) if self.formatter else record.getMessage())
-            if len(lines) >= self.max_lines:
-                self.flush()
-            elif self._timer is None:
-                try:
-                    loop = asyncio.get_running_loop()
-                except RuntimeError:  # not on an event loop: nothing would flush later
-                    self.flush()
-                else:
-                    self._timer = loop.call_later(self.max_delay, self._flush_due)
+            self.add(self.format(record) if self.formatter else record.getMessage())
         except Exception:
             self.handleError(record)
+
+    def add(self, line: str) -> None:
+        """Append one line to the batch; write the batch when full, or arm its timer."""
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= self.max_lines:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop: nothing would flush later
+                self.flush()
+            else:
+                self._timer = loop.call_later(self.max_delay, self._flush_due)
 
     def _flush_due(self) -> None:
         self._timer = None
