@@ -57,6 +57,7 @@ FAULT_MEANING = {
     "SIGKILL mid-answer": "a backend process SIGKILLed while streaming a 2 MiB answer",
     "SIGKILL before answering": "a backend process SIGKILLed holding a GET and a POST",
     "every primary failing, a backup up": "one primary refuses connections, one resets them",
+    "every backend hangs": "all three accept and never answer (timeouts.read 500 ms)",
 }
 
 

@@ -304,6 +304,40 @@ async def test_a_retry_goes_to_a_backup_once_every_primary_failed(tmp_path: Path
     assert all(p2.received[rid] + spare.received[rid] <= 1 for rid in result.rids["POST"])
 
 
+async def test_a_read_timeout_is_retried_once_so_the_wait_stays_bounded(tmp_path: Path) -> None:
+    """Every backend hangs: a GET waits for two of them (timeouts.read each), then 504; a
+    POST waits for one. Never a third wait, never a 502 for what was a timeout."""
+    servers = [await FaultyServer(f"h{i}").start() for i in (1, 2, 3)]
+    try:
+        for server in servers:
+            server.fault = "hang"
+        pools = {"web": {"backends": [s.entry() for s in servers],
+                         "timeouts": {"read": "500ms"}}}
+        async with RunningBalancer(tmp_path, pools) as px, aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=10)) as s:
+            no_hidden_retries(s)
+            loop = asyncio.get_running_loop()
+            waits = {}
+            for method in ("GET", "POST"):
+                t0 = loop.time()
+                async with s.request(method, px.url + "/item", data=b"x" if method == "POST"
+                                     else None, headers={"X-Request-ID": method}) as r:
+                    waits[method] = (r.status, loop.time() - t0)
+            retried = await px.counter("balancer_upstream_retries_total")
+    finally:
+        for server in servers:
+            await server.stop()
+    tries = received_by_all(servers)
+    record_figure("backend faults", kind="every backend hangs", framing="-", sent=2,
+                  hit_faulty=tries["GET"] + tries["POST"],
+                  ok=0, failed={"GET": 1, "POST": 1}, retried=int(retried), truncated=0,
+                  sent_twice=int(tries["POST"] > 1), expected="GET 504 after 2 waits, POST after 1")
+    # Two full waits for the GET, one for the POST (the counts say there was no third).
+    assert waits["GET"][0] == 504 and waits["GET"][1] >= 0.95, waits
+    assert waits["POST"][0] == 504 and waits["POST"][1] >= 0.45, waits
+    assert (tries["GET"], tries["POST"], retried) == (2, 1, 1)
+
+
 # --------------------------------------------------------------------------- the soak
 
 
