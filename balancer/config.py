@@ -819,6 +819,7 @@ def _routes(r: _Reader, raw: Any, pools: Mapping[str, PoolConfig]) -> tuple[Rout
 
 def _host_pattern(v: Any) -> str:
     host = _text(v).lower()
-    if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?|\[[0-9a-f:.]+\](:\d+)?", host):
+    name_or_ip = r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?|\[[0-9a-f:.]+\](:\d+)?"
+    if not re.fullmatch(name_or_ip, host):
         raise ValueError(f"must be a host name like api.example.com or *.example.com, got {v!r}")
     return host

@@ -259,7 +259,7 @@ def _resolve(hosts: Iterable[str]) -> dict[str, frozenset[str] | None]:
         t.start()
         threads.append((host, t))
     deadline = time.monotonic() + RESOLVE_TIMEOUT
-    for host, t in threads:
+    for _host, t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     return {h: found.get(h) for h in set(hosts)}
 

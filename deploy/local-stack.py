@@ -164,7 +164,8 @@ async def until(what: str, probe: Callable[[], Awaitable[Any]], timeout: float,
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             last = exc
         await asyncio.sleep(every)
-    raise StackError(f"{what}: not within {timeout:.0f}s" + (f" (last error: {last})" if last else ""))
+    detail = f" (last error: {last})" if last else ""
+    raise StackError(f"{what}: not within {timeout:.0f}s{detail}")
 
 
 def spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -289,7 +290,8 @@ async def bring_up(stack: Stack, http: aiohttp.ClientSession, timeout: float) ->
     # One address more than the service starts with: room to scale up by one.
     addresses = [f"127.0.0.{2 + i}" for i in range(replicas + 1)]
     stack.web_port = free_port(*addresses)
-    stack.proxy_port, stack.admin_port, stack.prometheus_port = free_port(), free_port(), free_port()
+    stack.proxy_port, stack.admin_port = free_port(), free_port()
+    stack.prometheus_port = free_port()
     stack.admin_token = live.get("admin_token")
     stack.dns.start()
 
@@ -324,7 +326,8 @@ async def healthz(http: aiohttp.ClientSession, url: str) -> bool:
 # --------------------------------------------------------------------------- traffic
 
 
-async def requests(http: aiohttp.ClientSession, url: str, n: int, concurrency: int) -> dict[int, int]:
+async def requests(http: aiohttp.ClientSession, url: str, n: int,
+                   concurrency: int) -> dict[int, int]:
     """``n`` GETs with ``concurrency`` at a time; status → count (0: no answer)."""
     statuses: dict[int, int] = {}
     queue = iter(range(n))
@@ -460,7 +463,8 @@ async def reloads(stack: Stack, http: aiohttp.ClientSession, result: str) -> boo
 async def check_scrape(stack: Stack, http: aiohttp.ClientSession, timeout: float) -> None:
     async def scraped_after_the_traffic() -> bool:
         up = await prom_query(stack, http, 'up{job="balancer"} == 1')
-        refused = await prom_query(stack, http, 'balancer_config_reloads_total{result="refused"} >= 1')
+        refused = await prom_query(
+            stack, http, 'balancer_config_reloads_total{result="refused"} >= 1')
         return bool(up) and bool(refused)
 
     await until("Prometheus scraping balancer (up == 1, the refused reload seen)",
@@ -520,7 +524,8 @@ async def check_dashboards(stack: Stack, http: aiohttp.ClientSession, folder: Pa
 
 async def tear_down(stack: Stack) -> None:
     """SIGTERM everything, balancer first (it must drain and exit 0); kill what lingers."""
-    order = ["balancer", "prometheus"] + [n for n in stack.procs if n not in ("balancer", "prometheus")]
+    first = ("balancer", "prometheus")
+    order = [*first, *(n for n in stack.procs if n not in first)]
     codes: dict[str, int | None] = {}
     for name in order:
         proc = stack.procs.get(name)

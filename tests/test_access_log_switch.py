@@ -1,4 +1,4 @@
-"""The access log through a real `balancer run`: one JSON line per request, switched off by config."""
+"""The access log through a real `balancer run`: a JSON line per request, off by config."""
 
 from __future__ import annotations
 

@@ -298,7 +298,8 @@ def test_compose_balancer_reads_the_stack_config_and_serves_8080() -> None:
     assert config.admin.host == "0.0.0.0"
     assert published(balancer)[config.admin.port].startswith("127.0.0.1:")
     # The token demo-break sends.
-    assert config.admin_token and config.admin_token in (ROOT / "deploy" / "demo-break.sh").read_text()
+    script = (ROOT / "deploy" / "demo-break.sh").read_text()
+    assert config.admin_token and config.admin_token in script
 
 
 def test_compose_pool_discovers_the_web_service_replicas() -> None:

@@ -61,7 +61,8 @@ def test_local_stack_is_wired_and_tears_down(tmp_path: Path) -> None:
     assert out.count(f"ok   {DASHBOARD.name}: ") == queries, out
     for line in ("scale up: web@127.0.0.5:", "none failed",
                  "Prometheus scrapes balancer", "alert rules loaded from alerts.yml, all healthy",
-                 "demo-break: concentrated config refused (409)", "demo-break put the config file back",
+                 "demo-break: concentrated config refused (409)",
+                 "demo-break put the config file back",
                  "balancer drained and exited 0 on SIGTERM"):
         assert re.search(rf"^  ok   .*{re.escape(line)}", out, re.MULTILINE), out
 

@@ -310,7 +310,7 @@ async def test_https_backends_are_verified(certs: dict[str, Any],
         results["server_name matching the certificate"] = (
             await through(named, {"ca": ca, "server_name": "api.internal"}), 200)
         results["verify: false"] = (await through(untrusted, {"verify": False}), 200)
-    for name, ((status, body), want) in results.items():
+    for name, ((status, _body), want) in results.items():
         record("TLS", f"https backend: {name}", status=status, expected=want,
                ok=status == want)
     assert {k: v[0][0] for k, v in results.items()} == {k: v[1] for k, v in results.items()}

@@ -30,7 +30,8 @@ def test_five_one_one_is_interleaved_as_nginx_does() -> None:
     for seed in range(7):
         seq = picks([5, 1, 1], 70, seed)
         cycle = seq[:7]
-        rotations = {tuple(["a", "a", "b", "a", "c", "a", "a"][k:] + ["a", "a", "b", "a", "c", "a", "a"][:k])
+        nginx = ["a", "a", "b", "a", "c", "a", "a"]
+        rotations = {tuple(nginx[k:] + nginx[:k])
                      for k in range(7)}
         assert tuple(n.replace("b0", "a").replace("b1", "b").replace("b2", "c")
                      for n in cycle) in rotations

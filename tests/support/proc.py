@@ -44,7 +44,8 @@ def pool_config(ports: list[int], **pool: Any) -> dict[str, Any]:
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m balancer ARGS`` to completion (for commands that exit by themselves)."""
-    return subprocess.run([sys.executable, "-m", "balancer", *args], capture_output=True, check=False,
+    return subprocess.run([sys.executable, "-m", "balancer", *args], capture_output=True,
+                          check=False,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=_env())
 
 
