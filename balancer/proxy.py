@@ -477,7 +477,7 @@ class ClientConnection(asyncio.Protocol):
     def _target(self, ex: Exchange) -> None:
         """Check the request target; set what routing and forwarding use."""
         url = ex.url
-        if b"#" in url:
+        if 0x23 in url:  # "#" (an int: ``bytes in bytes`` costs 6x more, for nothing)
             raise Reject(400, "a request target carries no #fragment")
         if url[:1] == b"/":
             ex.target = ex.path = url
@@ -500,7 +500,7 @@ class ClientConnection(asyncio.Protocol):
                 raise Reject(400, "HTTP/1.1 requests need a Host header")
         else:
             host = ex.host_raw.lower()
-            ex.host = host_without_port(host) if b":" in host else host
+            ex.host = host_without_port(host) if 0x3A in host else host  # ":"
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
