@@ -16,6 +16,7 @@ When ``admin_token`` is set, mutating endpoints need ``Authorization: Bearer <to
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -67,7 +68,8 @@ def pool_status(pool: Pool, monitor: Monitor | None) -> dict[str, Any]:
         "strategy": pool.config.strategy.name,
         "panic": pool.panic,
         "concentrated": None if conc is None else {
-            "backend": conc.backend, "share": round(conc.share, 4), "requests": conc.requests},
+            "backend": conc.backend, "share": round(conc.share, 4), "requests": conc.requests,
+            "cause": conc.cause, "reason": conc.reason},
         "allow_concentration": pool.config.allow_concentration,
         # Set while DNS discovery keeps the last good set because the guard refused the new one.
         "discovery_refused": getattr(pool, "discovery_refused", None),
@@ -121,17 +123,46 @@ async def handle_dashboard(request: web.Request) -> web.Response:
 
 
 async def handle_reload(request: web.Request) -> web.Response:
+    """Reload as SIGHUP does. ``?wait=1`` holds the answer until the reload's probation ends:
+    200 ``kept``, or 409 ``rolled_back`` with the reason, so a deploy step fails when its
+    change was undone."""
     app = request.app[APP_KEY]
     denied = _authorize(request, app)
     if denied is not None:
         return denied
+    wait = request.query.get("wait", "") not in ("", "0", "false", "no")
     peer = request.remote or "?"
-    log.info("reload requested over the admin endpoint by %s", peer)
+    log.info("reload requested over the admin endpoint by %s%s", peer,
+             " (waiting for its probation)" if wait else "")
     result = await app.reload()  # type: ignore[attr-defined]
-    if result.applied:
-        return web.json_response({"applied": True, "diff": result.diff})
-    return web.json_response({"applied": False, "problems": list(result.problems),
-                              "diff": result.diff}, status=409)
+    if not result.applied:
+        return web.json_response({"applied": False, "result": "refused",
+                                  "problems": list(result.problems), "diff": result.diff},
+                                 status=409)
+    doc: dict[str, Any] = {"applied": True, "result": "applied", "diff": result.diff}
+    outcome = result.probation
+    if outcome is None:
+        return web.json_response(doc)
+    if not wait:
+        doc["probation"] = _iso_times(app.probation)  # type: ignore[attr-defined]
+        return web.json_response(doc)
+    end = await asyncio.shield(outcome)
+    doc.update(result=end["result"], reason=end.get("reason"), at=_iso(end["at"]))
+    status = {"kept": 200, "rolled_back": 409, "superseded": 200}.get(end["result"], 503)
+    return web.json_response(doc, status=status)
+
+
+def _iso(t: float | None) -> str | None:
+    """Unix time → ``2026-12-04T14:05:03Z``."""
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _iso_times(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    if doc is None:
+        return None
+    return {**doc, "until": _iso(doc.get("until"))}
 
 
 def _authorize(request: web.Request, app: Any) -> web.Response | None:

@@ -12,19 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from balancer import __version__
 from balancer.backend import Backend, backend_key
-from balancer.config import Address, BackendConfig, Config, ConfigError, load_config
+from balancer.config import (
+    Address,
+    BackendConfig,
+    Config,
+    ConfigError,
+    parse_config_text,
+    read_config,
+)
 from balancer.pool import Pool
+from balancer.probation import TICK, Applied, Finding, Probation
 from balancer.proxy import ProxySettings, ProxyState, default_max_clients, protocol_factory
 from balancer.router import Router
 
@@ -54,14 +63,29 @@ def check_config(path: str) -> tuple[Config, Any]:
     Returns the config and its guard report; raises ConfigError (invalid) or Refused.
     Blocking (the guard simulates traffic and resolves names): call it off the event loop.
     """
+    applied = check_file(path)
+    return applied.config, applied.report
+
+
+def check_file(path: str) -> Applied:
+    """``check_config``, keeping the text as read (``GET /config``, its sha256)."""
     from balancer.discovery import expand
     from balancer.guard import evaluate
 
-    config = expand(load_config(path))  # ``discovery: dns`` entries → their addresses now
+    text = read_config(path)
+    config = expand(parse_config_text(text, path))  # ``discovery: dns`` → addresses now
     report = evaluate(config)
     if not report.ok:
         raise Refused(report, str(path))
-    return config, report
+    return Applied(config, report, text, hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                   time.time())
+
+
+def _top_share(config: Config, pool: Any) -> float:
+    """The guard's simulated top share of ``pool`` under ``config`` (blocking)."""
+    from balancer.guard import simulated_top_share
+
+    return simulated_top_share(config, pool)
 
 
 def share_diff(old: Any, new: Any) -> str:
@@ -95,6 +119,9 @@ class ReloadResult:
     applied: bool
     problems: list[str] = field(default_factory=list)
     diff: str = ""
+    #: Resolves when the probation of an applied reload ends: ``{"result": "kept" |
+    #: "rolled_back" | "superseded" | "ended", "reason": …}``; None when there is none.
+    probation: asyncio.Future[dict[str, Any]] | None = None
 
 
 class StartError(Exception):
@@ -107,7 +134,8 @@ class App:
     def __init__(self, config_path: str) -> None:
         """Load and guard ``config_path``; raises ConfigError / Refused before anything binds."""
         self.config_path = config_path
-        self.config, self.report = check_config(config_path)
+        self.running = check_file(config_path)
+        self.config, self.report = self.running.config, self.running.report
 
         # Live objects, replaced only by _apply()
         self._backends: dict[BackendSlot, Backend] = {}
@@ -118,6 +146,12 @@ class App:
 
         # Lifecycle
         self.reloads = {"applied": 0, "refused": 0}
+        self.rollbacks = 0
+        #: Recent reload outcomes, newest last (/status, the dashboard's marks).
+        self.reload_events: list[dict[str, Any]] = []
+        self._probation: Probation | None = None
+        #: Configs undone by a rollback: a discovery change that would rebuild one is not applied.
+        self._rolled_back: list[Config] = []
         self.started_at = time.time()
         self.server: asyncio.Server | None = None
         self.services: list[Service] = self._build_services()
@@ -140,7 +174,36 @@ class App:
 
         self.monitor = Monitor()  # live traffic shares; read by /metrics, /status, dashboard
         self.admin = AdminServer(self.monitor)  # .address: where it really listens
-        return [DiscoveryService(), HealthChecker(), MonitorService(self.monitor), self.admin]
+        self.health = HealthChecker()  # also probes the previous health check on probation
+        return [DiscoveryService(), self.health, MonitorService(self.monitor), self.admin]
+
+    # --- what runs (read by admin.py) ----------------------------------------------------
+
+    @property
+    def config_text(self) -> str:
+        return self.running.text
+
+    @property
+    def config_sha256(self) -> str:
+        return self.running.sha256
+
+    @property
+    def config_applied_at(self) -> float:
+        return self.running.at
+
+    @property
+    def probation(self) -> dict[str, Any] | None:
+        """``{"until": unix time, "pools": [...]}`` while a reload is on probation."""
+        p = self._probation
+        return p.summary() if p is not None and not p.over else None
+
+    @property
+    def last_reload(self) -> dict[str, Any] | None:
+        return self.reload_events[-1] if self.reload_events else None
+
+    def _event(self, result: str, reason: str | None) -> None:
+        self.reload_events.append({"result": result, "reason": reason, "at": time.time()})
+        del self.reload_events[:-50]
 
     # --- start ---------------------------------------------------------------------------
 
@@ -165,6 +228,8 @@ class App:
         except OSError as exc:
             await self._stop_services()
             self.server.close()
+            if service is self.admin:  # AdminServer names the key and address itself
+                raise StartError(str(exc)) from None
             raise StartError(f"cannot start {type(service).__name__}: {exc}") from None
         self.started_at = time.time()
         # The admin service knows its bound port (the config may have asked for port 0).
@@ -191,7 +256,7 @@ class App:
             if self._draining:
                 return ReloadResult(False, ["draining: reload ignored"], "")
             try:
-                config, report = await asyncio.to_thread(check_config, self.config_path)
+                new = await asyncio.to_thread(check_file, self.config_path)
             except Refused as exc:
                 return self._refused(exc.problems, share_diff(self.report, exc.report))
             except ConfigError as exc:
@@ -200,11 +265,16 @@ class App:
                 log.exception("reload: checking %s failed", self.config_path)
                 return self._refused([f"{self.config_path}: {type(exc).__name__}: {exc}"], "")
 
+            config, report = new.config, new.report
             diff = share_diff(self.report, report)
             old = self.config
+            probation = self._begin_probation(config)
             gone = self._apply(config)
             self.report = report
+            self.running = new
+            self._rolled_back = []  # a new file was judged afresh
             self.reloads["applied"] += 1
+            self._event("applied", None)
             log.info("reload applied from %s: %s", self.config_path, describe_pools(config))
             _log_lines(logging.INFO, diff, "shares before → after:")
             for warning in report.warnings:
@@ -216,7 +286,7 @@ class App:
             for backend in gone:
                 self._retire(backend)
             self._tell_services()
-            return ReloadResult(True, [], diff)
+            return ReloadResult(True, [], diff, self._watch(probation))
 
     async def apply_change(self, change: Callable[[Config], Awaitable[tuple[Config, Any] | None]],
                            source: object = None) -> bool:
@@ -232,11 +302,108 @@ class App:
             result = await change(self.config)
             if result is None:
                 return False
-            config, self.report = result
-            for backend in self._apply(config):
+            config, report = result
+            if config in self._rolled_back:
+                log.warning("not applying a change that rebuilds a config rolled back earlier "
+                            "(%s); still serving the previous one", describe_pools(config))
+                return False
+            probation = self._begin_probation(config)
+            gone = self._apply(config)
+            self.report = report
+            self.running = replace(self.running, config=config, report=report, at=time.time())
+            self._event("applied", "DNS discovery change")
+            for backend in gone:
                 self._retire(backend)
             self._tell_services(skip=source)
+            self._watch(probation)
             return True
+
+    # --- probation (balancer/probation.py) -----------------------------------------------
+
+    def _begin_probation(self, config: Config) -> Probation | None:
+        """Before ``config`` is applied: end a running probation (this change supersedes it)
+        and snapshot the pools for a new one, unless ``guard.probation`` is 0."""
+        if self._probation is not None and not self._probation.over:
+            self._probation.outcome.set_result(
+                {"result": "superseded", "reason": "another reload was applied during its "
+                                                   "probation", "at": time.time()})
+        self._probation = None
+        if config.guard.probation <= 0:
+            return None
+        loop = asyncio.get_running_loop()
+        p = Probation(self.running, config, self.pools, self.monitor, loop.time(), time.time())
+        self._probation = p
+        return p
+
+    def _watch(self, p: Probation | None) -> asyncio.Future[dict[str, Any]] | None:
+        """Right after the apply: count from now and judge until the probation ends."""
+        if p is None:
+            return None
+        p.started_counting(self.pools)
+        if p.pools:
+            log.info("reload on probation for %gs: pools %s", self.config.guard.probation,
+                     ", ".join(p.pools))
+        self._spawn(self._run_probation(p))
+        return p.outcome
+
+    async def _run_probation(self, p: Probation) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not p.over and p.pools and loop.time() < p.until:
+                await asyncio.sleep(TICK)
+                if p.over:
+                    return
+                for finding in p.findings(self.pools, loop.time()):
+                    to_blame, why = await p.blame(finding, self.pools, loop.time(),
+                                                  self.health.probe, self._simulate)
+                    if p.over:
+                        return
+                    if to_blame:
+                        await self.rollback(p, finding, why)
+                        return
+                    p.tell_once(finding, why)
+        except Exception:  # a bug here must never leave a reload undecided
+            log.exception("probation failed; keeping the reload")
+        if not p.over:
+            if p.pools:
+                log.info("reload kept: probation of %gs passed", self.config.guard.probation)
+            self._event("kept", None)
+            p.outcome.set_result({"result": "kept", "reason": None, "at": time.time()})
+        if self._probation is p:
+            self._probation = None
+
+    async def _simulate(self, config: Config, pool: Any) -> float:
+        return await asyncio.to_thread(_top_share, config, pool)
+
+    async def rollback(self, p: Probation, finding: Finding, why: str) -> None:
+        """Restore the config that ran before ``p``'s reload, by the path a reload takes."""
+        async with self._reload_lock:
+            if p.over or self._draining:
+                return
+            previous = p.previous
+            undone = self.config
+            gone = self._apply(previous.config)
+            self.report = previous.report
+            self.running = replace(previous, at=time.time())
+            self.rollbacks += 1
+            self._rolled_back = [*self._rolled_back[-4:], undone]
+            log.error("reload rolled back: %s", finding.reason)
+            log.error("  why the change is to blame: %s; serving the previous config again "
+                      "(sha256 %s)", why, previous.sha256[:12])
+            self._reload_tls(undone)
+            for backend in gone:
+                self._retire(backend)
+            self._tell_services()
+            self._event("rolled_back", finding.reason)
+            p.outcome.set_result({"result": "rolled_back", "reason": finding.reason,
+                                  "at": time.time()})
+            if self._probation is p:
+                self._probation = None
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _reload_tls(self, old: Config) -> None:
         """Renewed certificate files take effect now; TLS on or off takes a restart."""
@@ -267,6 +434,7 @@ class App:
 
     def _refused(self, problems: list[str], diff: str) -> ReloadResult:
         self.reloads["refused"] += 1
+        self._event("refused", problems[0] if problems else None)
         log.error("reload refused, still serving the previous config: %d problem(s) in %s",
                   len(problems), self.config_path)
         _log_lines(logging.ERROR, "\n".join(problems))
@@ -339,6 +507,9 @@ class App:
         self._draining = True
         async with self._reload_lock:  # a reload in progress finishes first
             pass
+        p = self._probation
+        if p is not None and not p.over:
+            p.outcome.set_result({"result": "ended", "reason": "draining", "at": time.time()})
         timeout = self.config.drain_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         if self.server is not None:
@@ -403,9 +574,7 @@ class App:
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading %s", self.config_path)
-        task = asyncio.get_running_loop().create_task(self.reload())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.reload())
 
     def _on_stop_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name

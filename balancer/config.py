@@ -152,6 +152,9 @@ class GuardConfig:
     #: Live concentration detection: sliding window length (s) and the fewest requests judged.
     live_window: float = 60.0
     live_min_requests: int = 100
+    #: After every applied reload: how long a pool it changed is watched and the reload undone
+    #: if that pool becomes concentrated (balancer/probation.py); 0 turns it off.
+    probation: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +403,7 @@ _CLIENT_KEYS = {"header_timeout", "body_timeout", "keepalive_timeout", "send_tim
 _TLS_KEYS = {"cert", "key"}
 _BACKEND_TLS_KEYS = {"ca", "verify", "server_name"}
 _GUARD_KEYS = {"max_share", "min_backends", "max_share_after_failure", "live_margin",
-               "live_window", "live_min_requests"}
+               "live_window", "live_min_requests", "probation"}
 _POOL_KEYS = {"strategy", "backends", "max_connections", "queue_timeout", "health_check",
               "outlier_detection", "panic_threshold", "timeouts", "retries",
               "allow_concentration", "backend_tls"}
@@ -415,11 +418,21 @@ _ROUTE_KEYS = {"host", "path_prefix", "pool"}
 
 def load_config(path: str | Path) -> Config:
     """Read and parse a YAML file; raises ConfigError with every problem found."""
-    source = str(path)
+    return parse_config_text(read_config(path), path)
+
+
+def read_config(path: str | Path) -> str:
+    """The file's text; ConfigError (one line naming it) when it cannot be read."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"], source) from None
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{path}: cannot read: {why}"], str(path)) from None
+
+
+def parse_config_text(text: str, path: str | Path) -> Config:
+    """Parse the YAML ``text`` read from ``path`` (plug-ins may sit next to it)."""
+    source = str(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -599,6 +612,7 @@ def _guard(r: _Reader, raw: Any) -> GuardConfig:
         live_margin=r.get(g, "live_margin", "guard", _fraction, 0.05),
         live_window=r.get(g, "live_window", "guard", _positive_duration, 60.0),
         live_min_requests=r.get(g, "live_min_requests", "guard", _int(1), 100),
+        probation=r.get(g, "probation", "guard", parse_duration, GuardConfig().probation),
     )
 
 

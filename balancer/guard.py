@@ -456,6 +456,14 @@ def _worst_failure(pool: PoolConfig,
     return worst
 
 
+def simulated_top_share(config: Config, pool: PoolConfig) -> float:
+    """The largest share any backend of ``pool`` takes on simulated traffic under ``config``'s
+    routes (probation asks it of the previous config, with the backends that died removed)."""
+    routes = _reaching_routes(config.routes).get(pool.name, [])
+    shares, _ = _worst_pass(pool, synthetic_traffic(pool, routes))
+    return max(shares.values(), default=0.0)
+
+
 # --------------------------------------------------------------------------- formatting
 
 

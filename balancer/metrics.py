@@ -66,6 +66,15 @@ class BalancerCollector(Collector):
         for result in ("applied", "refused"):
             reloads.add_metric([result], counts.get(result, 0))
         yield reloads
+        yield CounterMetricFamily(
+            "balancer_config_rollbacks",
+            "Applied reloads undone automatically during their probation because a changed "
+            "pool became concentrated (the log line 'reload rolled back' says why).",
+            value=getattr(self.app, "rollbacks", 0))
+        probation = getattr(self.app, "probation", None)
+        yield GaugeMetricFamily("balancer_config_probation",
+                                "1 while the last applied reload is on probation.",
+                                value=1 if probation else 0)
         started = getattr(self.app, "started_at", None)
         if started is not None:
             yield GaugeMetricFamily("balancer_start_time_seconds",
@@ -148,8 +157,14 @@ class BalancerCollector(Collector):
         concentrated = GaugeMetricFamily(
             "balancer_pool_concentrated",
             "1 while one backend takes more than max_share + live_margin of the pool's live "
-            "traffic, or while DNS discovery keeps the pool's last good set because the guard "
-            "refused the new one.", labels=["pool"])
+            "traffic, while fewer than guard.min_backends backends are in rotation (health "
+            "checks, ejection), or while DNS discovery keeps the pool's last good set because "
+            "the guard refused the new one.", labels=["pool"])
+        too_few = GaugeMetricFamily(
+            "balancer_pool_too_few_in_rotation",
+            "1 while a pool configured with at least guard.min_backends distinct active "
+            "backends has fewer than that in rotation (down, ejected or draining).",
+            labels=["pool"])
         panic = GaugeMetricFamily(
             "balancer_pool_panic",
             "1 while too few backends are healthy (panic_threshold) and traffic is spread over "
@@ -167,11 +182,13 @@ class BalancerCollector(Collector):
             conc = self.monitor.concentration(pool.name) if self.monitor is not None else None
             refused = getattr(pool, "discovery_refused", None)
             concentrated.add_metric([pool.name], 1 if conc is not None or refused else 0)
+            too_few.add_metric([pool.name],
+                               1 if conc is not None and conc.cause == "rotation" else 0)
             panic.add_metric([pool.name], 1 if pool.panic else 0)
             waiting.add_metric([pool.name], pool.waiting)
             if self.monitor is not None:
                 window.add_metric([pool.name], self.monitor.window_requests(pool.name))
-        yield from (rejected, concentrated, panic, waiting, window)
+        yield from (rejected, concentrated, too_few, panic, waiting, window)
 
 
 def _client_metrics(state: Any) -> Iterator[Metric]:

@@ -8,9 +8,15 @@ pool's.
 
 When is a pool *concentrated*? The rule, chosen so that noise never fires it:
 
-- the pool has two or more backends in rotation (with one, all traffic on it is a capacity
-  problem, which the backend-down and panic signals report, not a distribution problem);
-  backups count only while they serve, i.e. when no primary is in rotation;
+- **by rotation** (health checks, passive ejection, discovery): a pool with at least
+  ``guard.min_backends`` distinct active backends configured but fewer than that in rotation
+  (healthy and not ejected) is concentrated at once, whatever its traffic: that is the
+  postmortem itself (a maintenance change, a health-check path only one backend serves, and all
+  traffic on one server). One warning names the cause (``pool web: 2 of 3 backends down (health
+  check): all traffic on web1``); it clears when enough backends are back. The panic threshold
+  still decides where traffic goes; this only makes sure someone is told.
+- **by share**: the pool has two or more backends in rotation; backups count only while they
+  serve, i.e. when no primary is in rotation;
 - the window holds at least ``guard.live_min_requests`` requests of that pool;
 - it **fires** when the 3-sigma Wilson lower bound of the top backend's share is above
   ``max_share + live_margin``: with ``max_share: 0.5`` that is "confidently above 55 %", so two
@@ -61,6 +67,10 @@ class Concentration:
     share: float
     requests: int
     since: float
+    #: ``share`` (one backend above the live line) or ``rotation`` (too few backends in rotation)
+    cause: str = "share"
+    #: One line for people: what is concentrated and why.
+    reason: str = ""
 
 
 def wilson_lower(share: float, n: int, z: float = Z) -> float:
@@ -80,6 +90,57 @@ def serving(pool: Pool, now: float) -> int:
         return len(pool.primary)
     up = sum(1 for b in pool.primary if b.available(now))
     return up or sum(1 for b in pool.backup if b.available(now))
+
+
+def share_reason(pool: str, backend: str, share: float, requests: int, max_share: float) -> str:
+    """``pool web: web2 took 100% of 230 requests (max_share 50%)``."""
+    return (f"pool {pool}: {backend} took {share:.0%} of {requests} requests "
+            f"(max_share {max_share:.0%})")
+
+
+def _in_rotation(pool: Pool, now: float) -> list[Backend]:
+    return [b for b in pool.primary if b.available(now)]
+
+
+def _distinct(backends: list[Backend]) -> dict[Hashable, Backend]:
+    """One entry per server (two entries for one server are one backend for this rule)."""
+    return {b.key: b for b in backends}
+
+
+def rotation_shortfall(pool: Pool, min_backends: int,
+                       now: float) -> tuple[list[Backend], str] | None:
+    """(backends in rotation, one line of why) when a pool configured with at least
+    ``min_backends`` distinct active backends has fewer than that in rotation; else None.
+
+    In rotation means healthy, not ejected, not draining. The line names how many are out
+    and why (``2 of 3 backends down (health check): all traffic on web1``).
+    """
+    configured = _distinct(list(pool.primary))
+    if len(configured) < min_backends:
+        return None  # the guard allowed fewer (allow_concentration): nothing new to say
+    up = _in_rotation(pool, now)
+    if len(_distinct(up)) >= min_backends:
+        return None
+    up_keys = {b.key for b in up}
+    out = [b for b in configured.values() if b.key not in up_keys]
+    causes: dict[str, int] = {}
+    for b in out:
+        cause = ("down (health check)" if not b.healthy else "draining" if b.draining
+                 else "ejected (passive health)")
+        causes[cause] = causes.get(cause, 0) + 1
+    if len(causes) == 1:
+        what = f"{len(out)} of {len(configured)} backends {next(iter(causes))}"
+    else:
+        what = (f"{len(out)} of {len(configured)} backends out of rotation ("
+                + ", ".join(f"{n} {c}" for c, n in causes.items()) + ")")
+    names = sorted(_distinct(up).values(), key=lambda b: b.name)
+    if not names:
+        where = "no backend in rotation"
+    elif pool.panic:
+        where = (f"panic: traffic spread over all {len(pool.primary)}, unhealthy ones too")
+    else:
+        where = "all traffic on " + ", ".join(b.name for b in names)
+    return up, f"pool {pool.name}: {what}: {where} (guard.min_backends {min_backends})"
 
 
 class _PoolWindow:
@@ -150,9 +211,24 @@ class Monitor:
 
     def _judge(self, pool: Pool, w: _PoolWindow, guard: GuardConfig, now: float) -> None:
         pool.state_changed()  # panic is judged lazily on the request path: judge it now
+        current = w.concentration
+        short = rotation_shortfall(pool, guard.min_backends, now)
+        if short is not None:
+            up, why = short
+            if current is None or current.cause != "rotation" or current.reason != why:
+                if current is None or current.cause != "rotation":
+                    log.warning("%s", why)
+                w.concentration = Concentration(
+                    pool.name, ", ".join(b.name for b in up), 1.0, w.total,
+                    now if current is None or current.cause != "rotation" else current.since,
+                    "rotation", why)
+            return
+        if current is not None and current.cause == "rotation":
+            self._clear(pool.name, w, f"{len(_distinct(_in_rotation(pool, now)))} backends in "
+                                      f"rotation again (guard.min_backends {guard.min_backends})")
+            current = None
         in_rotation = serving(pool, now)
         total = w.total
-        current = w.concentration
         if in_rotation < 2 or total == 0:
             if current is not None:
                 why = ("fewer than two backends in rotation" if in_rotation < 2
@@ -166,7 +242,9 @@ class Monitor:
                 return
             line = guard.max_share + guard.live_margin
             if wilson_lower(share, total) > line:
-                c = Concentration(pool.name, w.names.get(top_key, str(top_key)), share, total, now)
+                name = w.names.get(top_key, str(top_key))
+                why = share_reason(pool.name, name, share, total, guard.max_share)
+                c = Concentration(pool.name, name, share, total, now, "share", why)
                 w.concentration = c
                 log.warning("pool %s: traffic concentrated: backend %s took %.0f%% of %d requests"
                             " in the last %.0fs (max_share %.0f%% + margin %.0f%%)",
@@ -177,8 +255,9 @@ class Monitor:
             self._clear(pool.name, w, f"top backend now {w.names.get(top_key, top_key)} at"
                                       f" {share:.0%}")
         else:
-            w.concentration = Concentration(pool.name, current.backend, share, total,
-                                            current.since)
+            w.concentration = Concentration(
+                pool.name, current.backend, share, total, current.since, "share",
+                share_reason(pool.name, current.backend, share, total, guard.max_share))
 
     def _clear(self, pool: str, w: _PoolWindow, why: str) -> None:
         log.warning("pool %s: traffic concentration cleared (%s)", pool, why)

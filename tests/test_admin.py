@@ -38,6 +38,7 @@ class Result:
     applied: bool
     problems: list[str] = field(default_factory=list)
     diff: str = ""
+    probation: Any = None  # an applied reload's probation outcome (App.reload); none here
 
 
 class StandIn:
@@ -133,7 +134,8 @@ async def test_reload_applied_is_200_with_the_diff_refused_is_409(
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{base}/reload") as resp:
             assert resp.status == 200
-            assert await resp.json() == {"applied": True, "diff": "web1 50% → 50%"}
+            assert await resp.json() == {"applied": True, "result": "applied",
+                                        "diff": "web1 50% → 50%"}
         app.next = Result(False, ["pools.web: b1 would take 90% (max_share 50%)"], "diff")
         async with s.post(f"{base}/reload") as resp:
             assert resp.status == 409

@@ -144,7 +144,9 @@ async def test_sighup_applies_good_config_and_refuses_concentrated_without_a_fai
             assert f"b{a}" in refused and "web" in refused, refused
             spread = await traffic.sample(60)
             assert set(spread) == {f"b{a}", f"b{b}", f"b{c}"}
-            assert spread[f"b{a}"] <= 30, spread  # 1/3 expected; 4/5 had the refusal applied
+            # 1/3 expected; 4/5 had the refusal applied. The sample holds at least 60 answers
+            # (more arrive while it is read), so the bound is relative to what it holds.
+            assert spread[f"b{a}"] <= sum(spread.values()) / 2, spread
 
             # Removing a backend: once applied, no new request goes to it.
             write_config(cfg, _config(listen, [b, c]))

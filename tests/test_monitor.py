@@ -131,13 +131,46 @@ def test_needs_enough_requests_to_judge() -> None:
     assert any(run(monitor, pool, clock, 10, [20, 0]))
 
 
-def test_one_backend_in_rotation_is_not_a_distribution_problem() -> None:
+def test_too_few_backends_in_rotation_is_concentration_named_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 9: two of three down by health checks is the postmortem (all traffic on one
+    server): concentrated at once, whatever the traffic, one warning naming the cause; cleared
+    when enough backends are back. Panic still decides where traffic goes."""
     clock, monitor = Clock(), Monitor()
-    pool = make_pool(clock)
-    assert any(run(monitor, pool, clock, 10, [40, 0]))
-    pool.backends[1].healthy = False  # the other one left rotation: down alerts cover this
+    pool = make_pool(clock, 3, panic_threshold=0.0)
+    caplog.set_level(logging.WARNING, "balancer.monitor")
+    assert not any(run(monitor, pool, clock, 3, [10, 10, 10]))
+    for b in pool.backends[1:]:
+        b.healthy = False
     pool.state_changed()
-    assert not any(run(monitor, pool, clock, 5, [40, 0]))
+    assert all(run(monitor, pool, clock, 5, [0, 0, 0]))  # no traffic needed to judge it
+    conc = monitor.concentration("web")
+    assert conc is not None and conc.cause == "rotation" and conc.backend == "b0"
+    assert conc.reason.startswith("pool web: 2 of 3 backends down (health check): all traffic "
+                                  "on b0")
+    named = [r.getMessage() for r in caplog.records if "backends down" in r.getMessage()]
+    assert named == [conc.reason]
+    # One back: 2 of 3 in rotation meets min_backends 2: cleared, with one line.
+    pool.backends[1].healthy = True
+    pool.state_changed()
+    assert not any(run(monitor, pool, clock, 2, [10, 10, 0]))
+    assert [r.getMessage() for r in caplog.records if "cleared" in r.getMessage()] == [
+        "pool web: traffic concentration cleared (2 backends in rotation again "
+        "(guard.min_backends 2))"]
+
+
+def test_ejection_counts_and_a_pool_allowed_fewer_backends_is_not_judged_by_rotation() -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock, 2, panic_threshold=0.0)
+    pool.backends[1].ejected_until = clock.now + 100
+    pool.state_changed()
+    run(monitor, pool, clock, 1, [0, 0])
+    conc = monitor.concentration("web")
+    assert conc is not None and "1 of 2 backends ejected (passive health)" in conc.reason
+    single = make_pool(clock, 1, allow_concentration="one server on purpose")
+    single.backends[0].healthy = False
+    monitor.tick({"one": single}, GUARD, clock.now + 1)
+    assert monitor.concentration("one") is None
 
 
 def test_share_survives_a_reload_that_keeps_the_backend_objects() -> None:
@@ -220,4 +253,7 @@ def test_an_idle_backup_does_not_count_as_a_second_backend_in_rotation() -> None
     pool.backends[1].healthy = False  # b0 alone serves; the backup waits, takes nothing
     pool.state_changed()
     assert not pool.panic
-    assert not any(run(monitor, pool, clock, 10, [40, 0, 0]))
+    # An idle backup is no second backend: b0 alone is in rotation (issue 9: told, by rotation).
+    assert all(run(monitor, pool, clock, 10, [40, 0, 0]))
+    conc = monitor.concentration("web")
+    assert conc is not None and conc.cause == "rotation" and "all traffic on b0" in conc.reason
