@@ -146,7 +146,7 @@ def rotation_shortfall(pool: Pool, min_backends: int,
 class _PoolWindow:
     """Per-second request deltas of one pool's backends, and their running sums."""
 
-    __slots__ = ("concentration", "last", "names", "samples", "sums")
+    __slots__ = ("concentration", "last", "names", "samples", "share_from", "sums")
 
     def __init__(self) -> None:
         self.samples: deque[tuple[float, dict[Hashable, int]]] = deque()
@@ -155,6 +155,9 @@ class _PoolWindow:
         self.last: dict[Backend, int] = {}
         self.names: dict[Hashable, str] = {}
         self.concentration: Concentration | None = None
+        # The share rule judges no earlier than this: a window that holds the time when too
+        # few backends were in rotation shows their forced share, not the strategy's.
+        self.share_from = 0.0
 
     def add(self, backends: tuple[Backend, ...], now: float) -> None:
         delta: dict[Hashable, int] = {}
@@ -227,6 +230,7 @@ class Monitor:
             self._clear(pool.name, w, f"{len(_distinct(_in_rotation(pool, now)))} backends in "
                                       f"rotation again (guard.min_backends {guard.min_backends})")
             current = None
+            w.share_from = now + guard.live_window
         in_rotation = serving(pool, now)
         total = w.total
         if in_rotation < 2 or total == 0:
@@ -238,7 +242,7 @@ class Monitor:
         top_key, top = max(w.sums.items(), key=lambda kv: kv[1])
         share = top / total
         if current is None:
-            if total < guard.live_min_requests:
+            if total < guard.live_min_requests or now < w.share_from:
                 return
             line = guard.max_share + guard.live_margin
             if wilson_lower(share, total) > line:

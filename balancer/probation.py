@@ -12,9 +12,10 @@ rules on the traffic since the reload:
   sampling noise never fires it);
 - **rotation**: fewer than ``min_backends`` backends in rotation (monitor.rotation_shortfall).
 
-A pool that was already concentrated when the reload came is not judged: the change did not
-cause that. Whether the *change* caused a new concentration is told apart from a backend that
-died during probation like this (``blame``):
+A pool that was already concentrated when the reload came is not judged (the change did not
+cause that), nor is one with ``allow_concentration`` (the config asks for it; the guard only
+warns, and so does the monitor). Whether the *change* caused a new concentration is told
+apart from a backend that died during probation like this (``blame``):
 
 1. The backends that were in rotation at the reload and are out now are the suspects. One that
    the new config removed, or that fails the new health check but passes the previous one
@@ -147,8 +148,8 @@ class Probation:
         out = []
         for name in self.pools:
             pool, before = pools.get(name), self._before[name]
-            if pool is None or before.concentrated:
-                continue
+            if pool is None or before.concentrated or pool.config.allow_concentration:
+                continue  # not the change's doing, or concentration the config asks for
             short = rotation_shortfall(pool, guard.min_backends, now)
             if short is not None:
                 out.append(Finding(name, "rotation", short[1]))
