@@ -4,25 +4,35 @@ It reads the same objects the proxy uses (``app.pools``, the monitor's window) a
 them. aiohttp serves it: this is not the request path, so convenience wins.
 
 - ``GET /metrics``  Prometheus text format (balancer/metrics.py)
-- ``GET /status``   JSON: per pool its strategy, panic, concentration; per backend its url,
-  weight, state, in-flight, requests and live share
+- ``GET /status``   JSON: per pool its strategy, panic, concentration, and the live window's
+  per-second requests per backend (``history``, the dashboard's chart); per backend its url,
+  weight, state, in-flight, requests, live share and p99 latency; the running config's sha256,
+  when it was applied, the reload events and any probation
+- ``GET /config``   the running config as it was read, ``admin_token`` and ``digest_key`` values
+  masked, its sha256 in ``X-Config-SHA256`` (and ``ETag``)
 - ``GET /``         the dashboard (balancer/static/), which polls /status
 - ``POST /reload``  re-read the config file and apply it exactly as SIGHUP does: 200 with the
   share diff when applied, 409 with the problems when refused
 - ``GET /healthz``  liveness for a container HEALTHCHECK
 
-When ``admin_token`` is set, mutating endpoints need ``Authorization: Bearer <token>``.
+When ``admin_token`` is set, mutating endpoints and ``/config`` (it shows the whole routing)
+need ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
+import math
+import re
 import time
+from collections.abc import Hashable
 from importlib import resources
 from typing import Any
 
+import yaml
 from aiohttp import web
 
 from balancer import __version__
@@ -39,6 +49,10 @@ REGISTRY_KEY = web.AppKey("balancer_registry", object)
 
 STATIC = resources.files("balancer") / "static"
 
+#: Config keys whose values GET /config never shows, wherever they sit in the file.
+SECRET_KEYS = frozenset({"admin_token", "digest_key"})
+MASK = '"********"'
+
 
 # --------------------------------------------------------------------------- status
 
@@ -48,6 +62,7 @@ def pool_status(pool: Pool, monitor: Monitor | None) -> dict[str, Any]:
     now = pool.clock()
     shares = monitor.shares(pool.name) if monitor is not None else {}
     conc = monitor.concentration(pool.name) if monitor is not None else None
+    p99 = monitor.latency_p99(pool.name) if monitor is not None else {}
     backends = []
     for b in pool.backends:
         backends.append({
@@ -63,6 +78,7 @@ def pool_status(pool: Pool, monitor: Monitor | None) -> dict[str, Any]:
             "errors": sum(b.errors.values()),
             "ejections": b.ejections,
             "share": round(shares.get(b.key, 0.0), 4),
+            "p99": _seconds(p99.get(b.key)),
         })
     return {
         "strategy": pool.config.strategy.name,
@@ -78,6 +94,59 @@ def pool_status(pool: Pool, monitor: Monitor | None) -> dict[str, Any]:
         "rejected": dict(pool.rejected),
         "window_requests": monitor.window_requests(pool.name) if monitor is not None else 0,
         "backends": backends,
+        "history": history(pool, monitor),
+    }
+
+
+def _seconds(value: float | None) -> float | str | None:
+    """A p99 for JSON: the bucket's bound in seconds, "+Inf" above the last one, None unknown."""
+    if value is None:
+        return None
+    return value if math.isfinite(value) else "+Inf"
+
+
+def history(pool: Pool, monitor: Monitor | None) -> dict[str, Any]:
+    """The pool's per-second requests per backend name over the live window (the chart's data):
+    ``t`` unix times, ``backends`` name -> counts aligned with ``t``, ``end`` the time now."""
+    series = monitor.series(pool.name) if monitor is not None else None
+    times = series.times if series is not None else []
+    counts: dict[str, list[int]] = {}
+    zero = [0] * len(times)
+    for b in pool.backends:  # every backend of the pool, in its order, even without traffic
+        counts.setdefault(b.name, zero)
+    if series is not None:
+        current: dict[Hashable, str] = {b.key: b.name for b in pool.backends}
+        for key, row in series.counts.items():
+            name = current.get(key) or series.names.get(key, str(key))
+            old = counts.get(name, zero)
+            counts[name] = row if old is zero else [x + y for x, y in zip(old, row)]
+    return {"end": round(time.time(), 3), "t": [round(t, 3) for t in times], "backends": counts}
+
+
+def iso(t: float) -> str:
+    """Unix time as ISO-8601 UTC to the second: ``2026-12-04T14:05:03Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def running(app: Any) -> dict[str, Any]:
+    """What runs: the config's sha256, when it was applied, the reload events, the probation.
+
+    Read with defaults: an app without reload history (a stand-in, an older App) still has a
+    status page. Nothing here is written: the lists are copied before they are read.
+    """
+    applied = getattr(app, "config_applied_at", None)
+    events = [{"result": e["result"], "reason": e.get("reason"), "at": iso(e["at"]),
+               "t": e["at"]} for e in list(getattr(app, "reload_events", None) or ())]
+    probation = getattr(app, "probation", None)
+    return {
+        "config_sha256": getattr(app, "config_sha256", None),
+        "config_applied_at": iso(applied) if applied else None,
+        "last_reload": ({k: events[-1][k] for k in ("result", "reason", "at")}
+                        if events else None),
+        "reload_events": events,
+        "probation": None if not probation else {
+            "until": iso(probation["until"]), "pools": list(probation.get("pools", ())),
+            "remaining": round(max(0.0, probation["until"] - time.time()), 1)},
     }
 
 
@@ -92,6 +161,7 @@ def status(app: Any, monitor: Monitor | None) -> dict[str, Any]:
         "config": getattr(app, "config_path", config.source),
         "uptime": round(time.time() - started, 1) if started else 0.0,
         "reloads": dict(getattr(app, "reloads", {})),
+        **running(app),
         "guard": {"max_share": config.guard.max_share, "live_margin": config.guard.live_margin,
                   "live_window": config.guard.live_window,
                   "live_min_requests": config.guard.live_min_requests},
@@ -120,6 +190,70 @@ async def handle_dashboard(request: web.Request) -> web.Response:
     html = (STATIC / "index.html").read_bytes()
     return web.Response(body=html, content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-cache"})
+
+
+async def handle_config(request: web.Request) -> web.Response:
+    """The running config text (secrets masked) and the sha256 of what was really read."""
+    app = request.app[APP_KEY]
+    denied = _authorize(request, app)
+    if denied is not None:
+        return denied
+    text = getattr(app, "config_text", None)
+    if text is None:
+        return web.json_response({"error": "the running config text is not available"},
+                                 status=503)
+    sha = getattr(app, "config_sha256", None) or hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return web.Response(body=mask_secrets(text).encode("utf-8"), headers={
+        "Content-Type": "application/yaml; charset=utf-8", "X-Config-SHA256": sha,
+        "ETag": f'"{sha}"', "Cache-Control": "no-store"})
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the value of every ``SECRET_KEYS`` key replaced by ``MASK``, anywhere in
+    the document and in any YAML form (plain, quoted, block, flow mapping, anchored); comments
+    and layout otherwise kept. Found with the YAML composer, which knows where each value sits
+    in the text, so no quoting or flow style can hide one from it."""
+    try:
+        spans = sorted(_secret_spans(text))
+    except yaml.YAMLError:  # not what was loaded: mask whole lines rather than show anything
+        return _SECRET_LINE.sub(lambda m: f"{m.group(1)}: {MASK}  # (masked)", text)
+    outer: list[tuple[int, int]] = []
+    for start, end in spans:  # a secret inside a masked secret goes with it
+        if not outer or start >= outer[-1][1]:
+            outer.append((start, end))
+    for start, end in reversed(outer):
+        value = text[start:end]
+        keep = _PROPERTIES.match(value)  # an anchor or tag stays, so aliases still resolve
+        prefix = keep.group(0) if keep else ""
+        tail = value[len(value.rstrip()):]  # a block scalar's line breaks
+        text = text[:start] + prefix + MASK + tail + text[end:]
+    return text
+
+
+_PROPERTIES = re.compile(r"(?:[&!]\S*\s+)+")
+_SECRET_LINE = re.compile(r"(?m)^(.*?\b(?:" + "|".join(sorted(SECRET_KEYS)) + r"))\b.*$")
+
+
+def _secret_spans(text: str) -> set[tuple[int, int]]:
+    """Where in ``text`` the values of secret keys are (each node once, aliases included)."""
+    spans: set[tuple[int, int]] = set()
+    seen: set[int] = set()
+    stack: list[yaml.Node] = [n for n in yaml.compose_all(text) if n is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value in SECRET_KEYS:
+                    spans.add((value.start_mark.index, value.end_mark.index))
+                else:
+                    stack.append(value)
+                stack.append(key)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return spans
 
 
 async def handle_reload(request: web.Request) -> web.Response:
@@ -166,7 +300,7 @@ def _iso_times(doc: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _authorize(request: web.Request, app: Any) -> web.Response | None:
-    """None when the request may mutate; else the 401 to answer."""
+    """None when the request may go on (no token set, or the right one); else the 401."""
     token = getattr(app.config, "admin_token", None)
     if not token:
         return None
@@ -190,6 +324,7 @@ def build_admin_app(app: Any, monitor: Monitor | None = None) -> web.Application
     web_app.router.add_get("/metrics", handle_metrics)
     web_app.router.add_get("/status", handle_status)
     web_app.router.add_get("/healthz", handle_healthz)
+    web_app.router.add_get("/config", handle_config)
     web_app.router.add_post("/reload", handle_reload)
     web_app.router.add_static("/static", str(STATIC), append_version=False)
     return web_app
@@ -224,7 +359,7 @@ class AdminServer:
         host, port = sock.getsockname()[:2]
         self.address = Address(host, port)
         # Worded without "listening on": that phrase is the proxy's own start line.
-        log.info("admin: dashboard at http://%s/ (also /metrics, /status, /reload)",
+        log.info("admin: dashboard at http://%s/ (also /metrics, /status, /config, /reload)",
                  self.address)
 
     def on_reload(self, app: Any) -> None:

@@ -46,7 +46,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from balancer.backend import Backend
+from balancer.backend import LATENCY_BUCKETS, Backend
 from balancer.config import GuardConfig
 from balancer.pool import Pool
 
@@ -71,6 +71,35 @@ class Concentration:
     cause: str = "share"
     #: One line for people: what is concentrated and why.
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """A pool's per-sample request counts over the live window, for the dashboard's chart.
+
+    ``times`` are unix times (the monitor's clock shifted by the wall clock at the last sample,
+    so their spacing is the monotonic one); ``counts[key][i]`` is what backend ``key`` answered
+    in the second before ``times[i]``; ``names`` the backends' names as last seen.
+    """
+
+    times: list[float]
+    counts: dict[Hashable, list[int]]
+    names: dict[Hashable, str]
+
+
+def bucket_quantile(counts: list[int], q: float) -> float | None:
+    """The upper bound of the histogram bucket (``LATENCY_BUCKETS``, then +Inf) where the
+    ``q`` quantile falls: "p99 at most 25 ms", not an interpolation. None for no samples."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = math.ceil(q * total)
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= rank:
+            return LATENCY_BUCKETS[i] if i < len(LATENCY_BUCKETS) else math.inf
+    return math.inf
 
 
 def wilson_lower(share: float, n: int, z: float = Z) -> float:
@@ -146,7 +175,8 @@ def rotation_shortfall(pool: Pool, min_backends: int,
 class _PoolWindow:
     """Per-second request deltas of one pool's backends, and their running sums."""
 
-    __slots__ = ("concentration", "last", "names", "samples", "share_from", "sums")
+    __slots__ = ("concentration", "last", "lat_last", "lat_samples", "lat_sums", "names",
+                 "samples", "share_from", "sums", "wall_offset")
 
     def __init__(self) -> None:
         self.samples: deque[tuple[float, dict[Hashable, int]]] = deque()
@@ -158,6 +188,12 @@ class _PoolWindow:
         # The share rule judges no earlier than this: a window that holds the time when too
         # few backends were in rotation shows their forced share, not the strategy's.
         self.share_from = 0.0
+        # For the dashboard: latency histogram deltas beside the request deltas (same times),
+        # and unix time minus the monitor's clock at the last sample (to date the samples).
+        self.lat_samples: deque[tuple[float, dict[Hashable, list[int]]]] = deque()
+        self.lat_sums: dict[Hashable, list[int]] = {}
+        self.lat_last: dict[Backend, list[int]] = {}
+        self.wall_offset = 0.0
 
     def add(self, backends: tuple[Backend, ...], now: float) -> None:
         delta: dict[Hashable, int] = {}
@@ -173,6 +209,30 @@ class _PoolWindow:
                 self.sums[b.key] = self.sums.get(b.key, 0) + d
         self.last = last
         self.samples.append((now, delta))
+        self._add_latency(backends, now)
+
+    def _add_latency(self, backends: tuple[Backend, ...], now: float) -> None:
+        """Sample each backend's latency histogram deltas, as ``add`` does its request counts."""
+        self.wall_offset = time.time() - now
+        delta: dict[Hashable, list[int]] = {}
+        last: dict[Backend, list[int]] = {}
+        for b in backends:
+            counts = b.latency_counts
+            before = self.lat_last.get(b)
+            last[b] = list(counts)
+            if before is None:
+                continue  # first sight: a baseline, as for requests
+            d = [c - p for c, p in zip(counts, before)]
+            if any(d):
+                if min(d) < 0:  # a counter that went back: take what it holds now
+                    d = list(counts)
+                mine = delta.setdefault(b.key, [0] * len(d))
+                sums = self.lat_sums.setdefault(b.key, [0] * len(d))
+                for i, n in enumerate(d):
+                    mine[i] += n
+                    sums[i] += n
+        self.lat_last = last
+        self.lat_samples.append((now, delta))
 
     def expire(self, horizon: float) -> None:
         samples, sums = self.samples, self.sums
@@ -184,6 +244,14 @@ class _PoolWindow:
                     sums[k] = left
                 else:
                     del sums[k]
+        lat, lat_sums = self.lat_samples, self.lat_sums
+        while lat and lat[0][0] <= horizon:
+            for k, counts in lat.popleft()[1].items():
+                rest = [s - n for s, n in zip(lat_sums[k], counts)]
+                if any(rest):
+                    lat_sums[k] = rest
+                else:
+                    del lat_sums[k]
 
     @property
     def total(self) -> int:
@@ -286,6 +354,35 @@ class Monitor:
         """The pool's live concentration, or None while its traffic is spread."""
         w = self._pools.get(pool)
         return w.concentration if w is not None else None
+
+    def series(self, pool: str) -> Series:
+        """The pool's per-second request counts per backend over the window (read-only)."""
+        w = self._pools.get(pool)
+        if w is None:
+            return Series([], {}, {})
+        offset = w.wall_offset
+        times = [t + offset for t, _ in w.samples]
+        counts: dict[Hashable, list[int]] = {}
+        for i, (_, delta) in enumerate(w.samples):
+            for k, n in delta.items():
+                row = counts.get(k)
+                if row is None:
+                    row = counts[k] = [0] * len(times)
+                row[i] = n
+        return Series(times, counts, dict(w.names))
+
+    def latency_p99(self, pool: str) -> dict[Hashable, float]:
+        """Each backend key's p99 upstream latency over the window, as the upper bound of the
+        histogram bucket it falls in (``math.inf`` above the last bound); absent = no answers."""
+        w = self._pools.get(pool)
+        if w is None:
+            return {}
+        out = {}
+        for k, counts in w.lat_sums.items():
+            p99 = bucket_quantile(counts, 0.99)
+            if p99 is not None:
+                out[k] = p99
+        return out
 
 
 class MonitorService:

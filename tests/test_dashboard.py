@@ -2,13 +2,16 @@
 
 The page must load from the admin app alone (no network beyond it), show every pool and every
 backend, and move its traffic-share bars by itself when traffic shifts, showing the
-concentration warning when the monitor fires.
+concentration warning when the monitor fires; per pool, a chart of each backend's share over
+the live window with a mark at every reload, each backend's p99, and in the header what runs
+(config sha256, last reload, probation) with a banner when a reload was rolled back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import shutil
 import time
@@ -132,10 +135,10 @@ class Browser:
 class Live:
     """Admin app + pools + a monitor fed by synthetic traffic the test steers."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: str = "3s") -> None:
         self.config = parse_config({
             "admin": f"127.0.0.1:{free_port()}",
-            "guard": {"live_window": "3s", "live_min_requests": 20},
+            "guard": {"live_window": window, "live_min_requests": 20},
             "pools": {
                 "web": {"backends": [{"url": f"http://127.0.0.1:{9100 + i}", "name": f"web{i}"}
                                      for i in (1, 2, 3)]},
@@ -149,22 +152,30 @@ class Live:
         self.started_at = time.time()
         self.monitor = Monitor()
         self.split = {"web": [1, 1, 1], "api": [1, 1]}
+        # Upstream latency per backend: web3 is slow (its p99 bucket is 250 ms).
+        self.latency = {"web": [0.004, 0.004, 0.2], "api": [0.004, 0.004]}
+        # What the App records about the running config and its reloads.
+        self.config_text = "admin_token: hidden\npools: {}\n"
+        self.config_sha256 = hashlib.sha256(self.config_text.encode()).hexdigest()
+        self.config_applied_at = time.time() - 60
+        self.reload_events: list[dict[str, Any]] = []
+        self.probation: dict[str, Any] | None = None
 
     async def traffic(self) -> None:
         """10 ticks a second: serve requests in the current split, then sample."""
         while True:
             for name, pool in self.pools.items():
-                for b, n in zip(pool.backends, self.split[name]):
+                for b, n, latency in zip(pool.backends, self.split[name], self.latency[name]):
                     for _ in range(n * 3):
                         pool.begin(b)
-                        pool.finish(b, 200, 0.004)
+                        pool.finish(b, 200, latency)
             self.monitor.tick(self.pools, self.config.guard, time.monotonic())
             await asyncio.sleep(0.1)
 
 
 @pytest.fixture
-async def live() -> AsyncIterator[tuple[Live, str]]:
-    app = Live()
+async def live(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Live, str]]:
+    app = Live(getattr(request, "param", "3s"))
     server = AdminServer(app.monitor)
     await server.start(app)
     feeder = asyncio.create_task(app.traffic())
@@ -256,6 +267,102 @@ async def test_dashboard_shows_every_backend_and_bars_follow_traffic(
         browser.requests
 
 
+#: Each web backend's last plotted share on the chart: {name: share or null}.
+CHART = """JSON.stringify(Object.fromEntries([...document.querySelectorAll(
+  'section[data-pool=web] path.series')].map(p => [p.dataset.backend,
+  p.dataset.last === '' ? null : parseFloat(p.dataset.last)])))"""
+
+#: The reload marks drawn on the web pool's chart: [[result, hover text], ...].
+MARKS = """JSON.stringify([...document.querySelectorAll('section[data-pool=web] .reload-mark')]
+  .map(g => [g.dataset.result, g.querySelector('title').textContent]))"""
+
+
+@pytest.mark.parametrize("live", ["30s"], indirect=True)  # every mark stays in the window
+async def test_chart_follows_the_share_over_time_and_marks_every_reload(
+        live: tuple[Live, str], browser: Browser, tmp_path: Path) -> None:
+    app, url = live
+    # A reload before the live window: the header shows it, the chart has no mark for it.
+    app.reload_events.append({"result": "kept", "reason": None, "at": time.time() - 60})
+    await browser.call("Page.navigate", url=url)
+    # A series per backend, in each pool, with a legend entry each.
+    await browser.wait_for("document.querySelectorAll('section[data-pool=web] path.series')"
+                           ".length === 3 && document.querySelectorAll("
+                           "'section[data-pool=api] path.series').length === 2",
+                           "a series per backend")
+    assert await browser.eval("[...document.querySelectorAll('section[data-pool=web] "
+                              ".legend li')].map(li => li.dataset.backend)") == \
+        ["web1", "web2", "web3"]
+    assert len(set(await browser.eval("[...document.querySelectorAll('section[data-pool=web] "
+                                      "path.series')].map(p => p.getAttribute('stroke'))"))) == 3
+    await browser.wait_for(f"Object.values(JSON.parse({CHART})).every(v => v > 0.2 && v < 0.45)",
+                           "three even lines")
+    # Each line runs across the window (a point per sample, 10 a second here), not one dot.
+    await browser.wait_for("[...document.querySelectorAll('section[data-pool=web] "
+                           "path.series')].every(p => p.getAttribute('d').split('L')"
+                           ".length > 15)", "lines across the window")
+
+    # p99 beside the counts: web1/web2 answer in 4 ms, web3 in 200 ms.
+    await browser.wait_for("[...document.querySelectorAll('tr.backend .p99')]"
+                           ".every(td => td.textContent.startsWith('≤'))", "every p99")
+    cells = await browser.eval("Object.fromEntries([...document.querySelectorAll('tr.backend')]"
+                               ".map(r => [r.dataset.backend, r.querySelector('.p99')"
+                               ".textContent]))")
+    assert cells["web1"] == "≤ 5 ms" and cells["web3"] == "≤ 250 ms", cells
+    assert await browser.eval("[...document.querySelectorAll('section[data-pool=web] th')]"
+                              ".map(th => th.textContent).indexOf('p99')") == 5
+
+    # The running config in the header, and the last reload, which is older than the window.
+    assert await browser.eval("document.getElementById('config-sha').textContent") == \
+        app.config_sha256[:12]
+    assert await browser.eval("document.getElementById('last-reload').dataset.result") == "kept"
+    assert await browser.eval("document.querySelectorAll('.reload-mark').length") == 0
+
+    # A reload is applied (in probation), traffic moves onto web1: the line follows.
+    now = time.time()
+    app.reload_events.append({"result": "applied", "reason": None, "at": now})
+    app.probation = {"until": now + 30, "pools": ["web"]}
+    app.split["web"] = [10, 1, 0]
+    await browser.wait_for(f"JSON.parse({CHART}).web1 > 0.8", "web1's line above 80%")
+    shifted = json.loads(await browser.eval(CHART))
+    assert shifted["web3"] is not None and shifted["web3"] < 0.05
+    marks = json.loads(await browser.eval(MARKS))
+    assert [m[0] for m in marks] == ["applied"]
+    assert await browser.eval("document.querySelectorAll('section[data-pool=api] "
+                              ".reload-mark').length") == 1
+    probation = await browser.wait_for(
+        "(b => !b.hidden && document.getElementById('probation').textContent)"
+        "(document.getElementById('probation-box'))", "the probation")
+    assert probation.startswith("web · ") and probation.endswith("s left")
+    assert await browser.eval("document.getElementById('rollback-banner').hidden") is True
+
+    # Probation rolls it back, and a later reload is refused: a mark each, with its reason.
+    reason = "pool web: web1 took 91% of 230 requests (max_share 50%)"
+    app.reload_events.append({"result": "rolled_back", "reason": reason, "at": time.time()})
+    app.probation = None
+    app.split["web"] = [1, 1, 1]
+    banner = await browser.wait_for(
+        "(b => !b.hidden && b.textContent)(document.getElementById('rollback-banner'))",
+        "the rolled-back banner")
+    assert "ROLLED BACK" in banner and reason in banner
+    assert await browser.eval("document.getElementById('last-reload').dataset.result") == \
+        "rolled_back"
+    assert await browser.eval("document.getElementById('probation-box').hidden") is True
+    await browser.wait_for(f"JSON.parse({CHART}).web1 < 0.45", "web1's line back down")
+    app.reload_events.append({"result": "refused", "reason": "pools.web: bad weight",
+                              "at": time.time()})
+    await browser.wait_for(f"JSON.parse({MARKS}).length === 3", "three reload marks")
+    marks = json.loads(await browser.eval(MARKS))
+    assert [m[0] for m in marks] == ["applied", "rolled_back", "refused"]
+    assert reason in marks[1][1] and "rolled back" in marks[1][1]
+    assert "pools.web: bad weight" in marks[2][1]
+    assert await browser.eval("document.getElementById('rollback-banner').hidden") is True
+    assert await browser.eval("document.getElementById('last-reload').title") == \
+        "pools.web: bad weight"
+    await browser.screenshot(tmp_path / "chart.png")
+    assert browser.exceptions == []
+    assert all(r.startswith(url) for r in browser.requests), browser.requests
+
+
 async def test_dashboard_of_a_running_balancer_follows_a_live_weight_change(
         browser: Browser, tmp_path: Path) -> None:
     """The whole product: `balancer run`, real traffic, a reload over /reload, a real page."""
@@ -273,6 +380,8 @@ async def test_dashboard_of_a_running_balancer_follows_a_live_weight_change(
             {**data, "pools": {"web": {"backends": [a.entry(weight=9), b.entry()], **pool}}})
         assert status == 200
         await browser.wait_for(f"JSON.parse({SHARES})['web/a'] > 75", "a's bar above 75%")
+        await browser.wait_for(f"JSON.parse({CHART}).a > 0.75", "a's line above 75%")
+        assert json.loads(await browser.eval(CHART))["b"] < 0.25
         await browser.wait_for("!document.querySelector('section[data-pool=web] "
                                ".alert.concentrated').hidden", "the concentration warning")
         assert await browser.eval("document.getElementById('reloads-applied').textContent") \

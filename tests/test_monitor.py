@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
+import time
 from pathlib import Path
 
 import pytest
 
 from balancer.backend import Backend
 from balancer.config import GuardConfig, parse_config
-from balancer.monitor import Monitor, wilson_lower
+from balancer.monitor import Monitor, bucket_quantile, wilson_lower
 from balancer.pool import Pool
 from tests.support.traffic import Traffic
 from tests.test_admin import (
@@ -257,3 +259,90 @@ def test_an_idle_backup_does_not_count_as_a_second_backend_in_rotation() -> None
     assert all(run(monitor, pool, clock, 10, [40, 0, 0]))
     conc = monitor.concentration("web")
     assert conc is not None and conc.cause == "rotation" and "all traffic on b0" in conc.reason
+
+
+# --------------------------------------------------------------------------- the chart's data
+
+
+def answer(pool: Pool, backend: int, n: int, latency: float) -> None:
+    """``n`` answers of ``latency`` seconds from backend ``backend``."""
+    b = pool.backends[backend]
+    for _ in range(n):
+        pool.begin(b)
+        pool.finish(b, 200, latency)
+
+
+def test_series_gives_each_backend_its_count_per_sample_dated_in_unix_time() -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock, 3)
+    b0, b1, b2 = pool.backends
+    assert monitor.series("web").times == []  # never sampled
+    monitor.tick({"web": pool}, GUARD, clock.now)
+    run(monitor, pool, clock, 3, [5, 5, 0])
+    run(monitor, pool, clock, 2, [1, 0, 9])
+    before = time.time()
+    run(monitor, pool, clock, 1, [0, 2, 0])
+    after = time.time()
+    s = monitor.series("web")
+    # A baseline sample and 6 more, 1 s apart on the monitor's clock, the last one at the wall
+    # time of its tick.
+    assert len(s.times) == 7
+    assert [round(t - s.times[0], 6) for t in s.times] == [0, 1, 2, 3, 4, 5, 6]
+    assert before <= s.times[-1] <= after
+    assert s.counts[b0.key] == [0, 5, 5, 5, 1, 1, 0]
+    assert s.counts[b1.key] == [0, 5, 5, 5, 0, 0, 2]
+    assert s.counts[b2.key] == [0, 0, 0, 0, 9, 9, 0]
+    assert s.names == {b0.key: "b0", b1.key: "b1", b2.key: "b2"}
+    # The window slides (10 s): the old samples go, and a backend with no traffic left in
+    # it has no row.
+    run(monitor, pool, clock, 10, [0, 3, 0])
+    s = monitor.series("web")
+    assert len(s.times) == 10 and set(s.counts) == {b1.key}
+    assert s.counts[b1.key] == [3] * 10
+    # Reading changes nothing the judging uses.
+    assert monitor.shares("web") == {b1.key: 1.0} and monitor.window_requests("web") == 30
+
+
+def test_p99_is_the_upper_bound_of_the_bucket_it_falls_in() -> None:
+    assert bucket_quantile([0] * 15, 0.99) is None
+    counts = [0] * 15
+    counts[3] = 99  # <= 10 ms
+    counts[6] = 1   # <= 100 ms
+    assert bucket_quantile(counts, 0.99) == 0.01  # the 99th of 100 is still in the 10 ms bucket
+    counts[6] = 2
+    assert bucket_quantile(counts, 0.99) == 0.1   # the 100th of 101 is past it
+    counts[14] = 50
+    assert bucket_quantile(counts, 0.99) == math.inf  # above the last bound (30 s)
+
+
+def test_p99_per_backend_over_the_live_window() -> None:
+    clock, monitor = Clock(), Monitor()
+    pool = make_pool(clock, 2)
+    b0, b1 = pool.backends
+    answer(pool, 0, 50, 0.2)  # before the monitor's first sight: not in the window
+    monitor.tick({"web": pool}, GUARD, clock.now)
+    assert monitor.latency_p99("web") == {}
+    for _ in range(3):
+        clock.now += 1
+        answer(pool, 0, 99, 0.004)  # the 5 ms bucket
+        answer(pool, 1, 90, 0.004)
+        answer(pool, 1, 10, 0.7)    # the 1 s bucket: 10% slow
+        monitor.tick({"web": pool}, GUARD, clock.now)
+    assert monitor.latency_p99("web") == {b0.key: 0.005, b1.key: 1.0}
+    # 3 slow answers are 1% of b0's 300: the 99th percentile is still fast; a 4th is past it.
+    clock.now += 1
+    answer(pool, 0, 3, 3.0)
+    monitor.tick({"web": pool}, GUARD, clock.now)
+    assert monitor.latency_p99("web")[b0.key] == 0.005
+    clock.now += 1
+    answer(pool, 0, 1, 3.0)
+    monitor.tick({"web": pool}, GUARD, clock.now)
+    assert monitor.latency_p99("web")[b0.key] == 5.0
+    # Once that second leaves the window (10 s), the p99 is back; a backend with nothing in
+    # the window has none.
+    for _ in range(10):
+        clock.now += 1
+        answer(pool, 0, 10, 0.004)
+        monitor.tick({"web": pool}, GUARD, clock.now)
+    assert monitor.latency_p99("web") == {b0.key: 0.005}
+    assert monitor.latency_p99("nope") == {}
