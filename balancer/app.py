@@ -6,93 +6,35 @@ anything changes, then applied in one synchronous step, so the event loop never 
 against a half-applied config: kept servers keep their Backend object (state, counters, pooled
 connections), kept pools keep their Pool object, and the router is swapped in one assignment.
 Requests already in flight finish on the objects they started with.
+
+Every applied reload then runs on probation (balancer/probation.py): if a pool it changed
+becomes concentrated by the change's doing, ``rollback`` restores the previous config by the
+same path. Serving until a signal, and the command itself, are balancer/run.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import hashlib
 import logging
-import os
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from balancer import __version__
-from balancer.backend import Backend, backend_key
-from balancer.config import (
-    Address,
-    BackendConfig,
-    Config,
-    ConfigError,
-    parse_config_text,
-    read_config,
-)
+from balancer.backend import Backend
+from balancer.config import Address, Config, ConfigError
+from balancer.fleet import Fleet
+from balancer.loading import Refused, check_file, describe_pools, share_diff, top_share
 from balancer.pool import Pool
-from balancer.probation import TICK, Applied, Finding, Probation
+from balancer.probation import TICK, Finding, Probation
 from balancer.proxy import ProxySettings, ProxyState, default_max_clients, protocol_factory
 from balancer.router import Router
 
 log = logging.getLogger("balancer.app")
 
-#: How often a retired backend or a drain looks again for requests still in flight (seconds).
+#: How often a drain looks again for requests still in flight (seconds).
 POLL = 0.02
-
-BackendSlot = tuple[str, tuple[str, str, int], int]
-"""(pool, (scheme, host, port), n): the n-th entry for that server in that pool (normally 0)."""
-
-
-# --------------------------------------------------------------------------- config checking
-
-
-class Refused(ConfigError):
-    """A config that parses but that the guard refuses; ``report`` says why."""
-
-    def __init__(self, report: Any, source: str) -> None:
-        super().__init__(list(report.errors), source)
-        self.report = report
-
-
-def check_config(path: str) -> tuple[Config, Any]:
-    """Load ``path`` and judge it exactly as ``balancer check`` does.
-
-    Returns the config and its guard report; raises ConfigError (invalid) or Refused.
-    Blocking (the guard simulates traffic and resolves names): call it off the event loop.
-    """
-    applied = check_file(path)
-    return applied.config, applied.report
-
-
-def check_file(path: str) -> Applied:
-    """``check_config``, keeping the text as read (``GET /config``, its sha256)."""
-    from balancer.discovery import expand
-    from balancer.guard import evaluate
-
-    text = read_config(path)
-    config = expand(parse_config_text(text, path))  # ``discovery: dns`` → addresses now
-    report = evaluate(config)
-    if not report.ok:
-        raise Refused(report, str(path))
-    return Applied(config, report, text, hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                   time.time())
-
-
-def _top_share(config: Config, pool: Any) -> float:
-    """The guard's simulated top share of ``pool`` under ``config`` (blocking)."""
-    from balancer.guard import simulated_top_share
-
-    return simulated_top_share(config, pool)
-
-
-def share_diff(old: Any, new: Any) -> str:
-    """Each backend's simulated share before → after, for the audit trail."""
-    from balancer.guard import format_diff
-
-    return format_diff(old, new)
 
 
 # --------------------------------------------------------------------------- the app
@@ -138,9 +80,8 @@ class App:
         self.config, self.report = self.running.config, self.running.report
 
         # Live objects, replaced only by _apply()
-        self._backends: dict[BackendSlot, Backend] = {}
-        self.pools: dict[str, Pool] = {}
-        self._apply_pools(self.config)
+        self.fleet = Fleet()
+        self.fleet.apply(self.config)
         self.state = ProxyState(Router(self.config.routes, self.pools),
                                 _proxy_settings(self.config))
 
@@ -157,13 +98,16 @@ class App:
         self.services: list[Service] = self._build_services()
         self._started: list[Service] = []
         self._reload_lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stop: asyncio.Event | None = None
         self._draining = False
         self._drained = False
         # TLS on ``listen`` (balancer/tls.py); a reload loads renewed files into it in place.
         self.tls_context = _server_tls(self.config)
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        """The live pools by name (the fleet replaces the dict on every apply)."""
+        return self.fleet.pools
 
     def _build_services(self) -> list[Service]:
         """The services that run beside the proxy, in start order (stopped in reverse)."""
@@ -284,7 +228,7 @@ class App:
                             old.listen, config.listen)
             self._reload_tls(old)
             for backend in gone:
-                self._retire(backend)
+                self.fleet.retire(backend)
             self._tell_services()
             return ReloadResult(True, [], diff, self._watch(probation))
 
@@ -313,7 +257,7 @@ class App:
             self.running = replace(self.running, config=config, report=report, at=time.time())
             self._event("applied", "DNS discovery change")
             for backend in gone:
-                self._retire(backend)
+                self.fleet.retire(backend)
             self._tell_services(skip=source)
             self._watch(probation)
             return True
@@ -343,7 +287,7 @@ class App:
         if p.pools:
             log.info("reload on probation for %gs: pools %s", self.config.guard.probation,
                      ", ".join(p.pools))
-        self._spawn(self._run_probation(p))
+        self.spawn(self._run_probation(p))
         return p.outcome
 
     async def _run_probation(self, p: Probation) -> None:
@@ -373,7 +317,7 @@ class App:
             self._probation = None
 
     async def _simulate(self, config: Config, pool: Any) -> float:
-        return await asyncio.to_thread(_top_share, config, pool)
+        return await asyncio.to_thread(top_share, config, pool)
 
     async def rollback(self, p: Probation, finding: Finding, why: str) -> None:
         """Restore the config that ran before ``p``'s reload, by the path a reload takes."""
@@ -392,7 +336,7 @@ class App:
                       "(sha256 %s)", why, previous.sha256[:12])
             self._reload_tls(undone)
             for backend in gone:
-                self._retire(backend)
+                self.fleet.retire(backend)
             self._tell_services()
             self._event("rolled_back", finding.reason)
             p.outcome.set_result({"result": "rolled_back", "reason": finding.reason,
@@ -400,7 +344,8 @@ class App:
             if self._probation is p:
                 self._probation = None
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` as a task the app keeps until it ends."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -443,56 +388,11 @@ class App:
 
     def _apply(self, config: Config) -> list[Backend]:
         """Swap in ``config``; returns the backends it removed. No await: atomic on the loop."""
-        gone = self._apply_pools(config)
+        gone = self.fleet.apply(config)
         self.config = config
         self.state.router = Router(config.routes, self.pools)
         self.state.settings = _proxy_settings(config)
         return gone
-
-    def _apply_pools(self, config: Config) -> list[Backend]:
-        """Build ``self.pools`` for ``config``, reusing the Backend and Pool objects that stay."""
-        old = self._backends
-        kept: dict[BackendSlot, Backend] = {}
-        pools: dict[str, Pool] = {}
-        for name, pool_cfg in config.pools.items():
-            members: list[Backend] = []
-            for backend_cfg in pool_cfg.backends:
-                server = backend_key(backend_cfg)
-                n = sum(1 for b in members if b.key == server)
-                slot = (name, server, n)
-                backend = old.get(slot)
-                if backend is None:
-                    backend = Backend(backend_cfg, name, pool_cfg.max_connections)
-                else:
-                    backend.reconfigure(backend_cfg, pool_cfg.max_connections)
-                kept[slot] = backend
-                members.append(backend)
-            pool = self.pools.get(name)
-            if pool is None:
-                pool = Pool(pool_cfg, members)
-            else:
-                pool.update(pool_cfg, members)
-            pools[name] = pool
-        gone = [b for slot, b in old.items() if slot not in kept]
-        for backend in gone:
-            backend.draining = True
-        self._backends = kept
-        self.pools = pools
-        return gone
-
-    def _retire(self, backend: Backend) -> None:
-        """Close a removed backend's upstream connections once its last request is done."""
-
-        async def retire() -> None:
-            while backend.in_flight > 0:
-                await asyncio.sleep(POLL)
-            await _close_upstream(backend)
-            log.info("backend %s/%s (%s) removed: connections closed",
-                     backend.pool, backend.name, backend.url)
-
-        task = asyncio.get_running_loop().create_task(retire())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
 
     # --- drain ---------------------------------------------------------------------------
 
@@ -529,12 +429,7 @@ class App:
                 if transport is not None:
                     transport.abort()
         self.state.timers.close()
-        for task in list(self._retiring):
-            task.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
-        backends = {id(b): b for pool in self.pools.values() for b in pool.backends}
-        await asyncio.gather(*(_close_upstream(b) for b in backends.values()),
-                             return_exceptions=True)
+        await self.fleet.close()
         await self._stop_services()
         self._drained = True
         log.info("drained: stopped")
@@ -546,44 +441,6 @@ class App:
                 await service.stop()
             except Exception:
                 log.exception("stopping %s failed", type(service).__name__)
-
-    # --- serve ---------------------------------------------------------------------------
-
-    async def serve_forever(self) -> None:
-        """Start, serve until SIGTERM or SIGINT (SIGHUP reloads), then drain."""
-        loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._install_signals(loop)
-        await self.start()
-        _freeze_heap()
-        await self._stop.wait()
-        await self.drain()
-
-    def stop(self) -> None:
-        """Ask serve_forever to drain and return (what SIGTERM does)."""
-        if self._stop is not None:
-            self._stop.set()
-
-    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
-            log.debug("signal handlers not installed")
-
-    def _on_sighup(self) -> None:
-        log.info("SIGHUP: reloading %s", self.config_path)
-        self._spawn(self.reload())
-
-    def _on_stop_signal(self, sig: int) -> None:
-        name = signal.Signals(sig).name
-        if self._stop is not None and self._stop.is_set():
-            log.warning("%s again while draining: exiting now", name)
-            _flush()
-            os._exit(128 + sig)
-        log.info("%s: draining", name)
-        self.stop()
 
     def __repr__(self) -> str:
         pools = ", ".join(repr(p) for p in self.pools.values())
@@ -618,31 +475,6 @@ def _server_tls(config: Config) -> Any:
         raise ConfigError([f"tls: {exc}"], config.source) from None
 
 
-async def _close_upstream(backend: Backend) -> None:
-    conns = backend.connections
-    if conns is not None:
-        try:
-            await conns.close()
-        except Exception:
-            log.exception("closing connections to %s failed", backend.url)
-
-
-def describe_pools(config: Config) -> str:
-    """One line: each pool with its strategy and backends (``web1 http://… weight=2 backup``)."""
-    parts = []
-    for pool in config.pools.values():
-        backends = ", ".join(_describe_backend(b) for b in pool.backends)
-        parts.append(f"pool {pool.name} ({pool.strategy.name}): {backends}")
-    return "; ".join(parts)
-
-
-def _describe_backend(b: BackendConfig) -> str:
-    text = b.url if b.url.endswith("//" + b.name) else f"{b.name} {b.url}"
-    if b.weight != 1:
-        text += f" weight={b.weight}"
-    return text + (" backup" if b.backup else "")
-
-
 def _log_lines(level: int, text: str, heading: str = "") -> None:
     """Log ``text`` a line at a time (under ``heading``): every line readable on its own."""
     lines = [line for line in text.splitlines() if line.strip()]
@@ -656,57 +488,3 @@ def _reason(exc: OSError) -> str:
     """The part of an OSError an operator needs (``address already in use``)."""
     text = exc.strerror or str(exc)
     return text.rsplit(": ", 1)[-1].lower() if ": " in text else text.lower()
-
-
-def _flush() -> None:
-    for h in (*logging.getLogger().handlers, *logging.getLogger("balancer.access").handlers):
-        h.flush()
-    sys.stderr.flush()
-
-
-# --------------------------------------------------------------------------- `balancer run`
-
-
-def main_run(config_path: str, *, watch: bool = False) -> int:
-    """``balancer run -c FILE [--watch]``: 0 after a clean drain, 1 when the config or the bind
-    fails. ``watch``: reload when the file's content changes (balancer/watch.py)."""
-    from balancer.logs import setup_logging
-
-    setup_logging()
-    try:
-        app = App(config_path)
-    except ConfigError as exc:
-        # The lines `balancer check` prints, so an operator sees one wording everywhere.
-        warnings = exc.report.warnings if isinstance(exc, Refused) else []
-        for prefix, problem in [("", p) for p in exc.problems] + [("warning: ", w)
-                                                                  for w in warnings]:
-            where = "" if problem.startswith(config_path) else f"{config_path}: "
-            print(f"{prefix}{where}{problem}", file=sys.stderr)
-        return 1
-    if watch:
-        from balancer.watch import ConfigWatcher
-
-        app.services.append(ConfigWatcher(config_path))
-    try:
-        _run(app.serve_forever())
-    except StartError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
-
-
-def _freeze_heap() -> None:
-    """Move start-up objects out of the collector's sight: fewer, cheaper collections."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
-
-
-def _run(coro: Any) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(coro)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)

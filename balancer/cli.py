@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_check(args.config, args.against)
     if args.command == "run":
-        from balancer.app import main_run
+        from balancer.run import main_run
 
         return main_run(args.config, watch=args.watch)
     if args.command == "demo":

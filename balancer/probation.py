@@ -45,6 +45,7 @@ from typing import Any
 
 from balancer.backend import Backend, backend_key
 from balancer.config import Config, HealthCheckConfig, PoolConfig
+from balancer.loading import Applied
 from balancer.monitor import Monitor, rotation_shortfall, serving, share_reason, wilson_lower
 from balancer.pool import Pool
 
@@ -57,17 +58,6 @@ Probe = Callable[[Backend, HealthCheckConfig], Awaitable[tuple[bool, str]]]
 """One health probe of a backend with given settings: (passed, reason)."""
 Simulate = Callable[[Config, PoolConfig], Awaitable[float]]
 """The top simulated share of a pool under a config (the guard's simulation, off the loop)."""
-
-
-@dataclass(frozen=True)
-class Applied:
-    """A config as it runs: what the guard said, its text, its digest, when it was applied."""
-
-    config: Config
-    report: Any
-    text: str
-    sha256: str
-    at: float  # unix time
 
 
 @dataclass(frozen=True)

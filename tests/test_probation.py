@@ -119,15 +119,16 @@ async def reload_and_wait(admin: str) -> tuple[int, dict[str, Any]]:
 # --------------------------------------------------------------------------- the traps
 
 
-async def test_a_hash_key_clients_never_send_is_rolled_back_within_probation(
-        tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["header:X-Tenant", "header:Host", "path"])
+async def test_a_hash_key_that_collapses_on_real_traffic_is_rolled_back_within_probation(
+        tmp_path: Path, key: str) -> None:
+    """Accepted by the guard (its synthetic clients send X-Tenant, many hosts, many paths);
+    ours send no X-Tenant, one Host (a one-domain site) and only ``/``."""
     async with stack_of(tmp_path) as (backends, proc, path, listen, admin):
         cfg = config(listen, int(admin.rsplit(":", 1)[1]), backends.ports)
         async with Traffic(listen) as traffic:
             assert len(await traffic.sample(30)) == 3
-            # Accepted by the guard (its synthetic clients send X-Tenant); ours never do.
-            cfg["pools"]["web"]["strategy"] = {"name": "consistent_hash",
-                                               "key": "header:X-Tenant"}
+            cfg["pools"]["web"]["strategy"] = {"name": "consistent_hash", "key": key}
             write_config(path, cfg)
             mark = proc.mark()
             status, doc = await reload_and_wait(admin)
@@ -178,7 +179,6 @@ async def test_a_health_check_path_only_one_backend_serves(tmp_path: Path) -> No
         mark = proc.mark()
         async with Traffic(listen) as traffic:
             status, doc = await reload_and_wait(admin)
-            Path("/tmp/plog.txt").write_text(proc.log)
             assert status == 409 and doc["result"] == "rolled_back", doc
             assert "2 of 3 backends down (health check)" in doc["reason"]
             await proc.wait_for("reload rolled back: pool web: 2 of 3 backends down", since=mark)
