@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -291,6 +292,45 @@ def parse_backend_url(url: Any) -> tuple[str, str, int]:
     if not host:
         raise ValueError(f"has no host, got {url!r}")
     return parts.scheme, host.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+_LEGACY_IPV4 = re.compile(r"(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}", re.IGNORECASE)
+
+
+def numeric_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host written as a number connects to, or None for a name.
+
+    Besides the usual forms this reads the ones the C resolver also takes (``127.1``, ``0``,
+    ``0x7f.1``, ``010.0.0.1``), so ``127.1`` is compared as the ``127.0.0.1`` it reaches.
+    An IPv4-mapped IPv6 address is its IPv4 address; a zone (``%eth0``) is dropped.
+    """
+    text = host.split("%", 1)[0]
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text)
+    except ValueError:
+        if not _LEGACY_IPV4.fullmatch(text):
+            return None
+        try:
+            ip = ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def unspecified_host_problem(host: str) -> str | None:
+    """Why ``host`` (0.0.0.0, ::, 0, …) cannot be a backend address, or None when it can.
+
+    Connecting to the unspecified address reaches this machine on Linux, so ``0.0.0.0:9001``
+    beside ``127.0.0.1:9001`` would be one server counted as two.
+    """
+    ip = numeric_ip(host)
+    if ip is None or not ip.is_unspecified:
+        return None
+    loopback = "127.0.0.1" if ip.version == 4 else "::1"
+    return (f"{host} is not an address to connect to (on Linux it reaches this machine's "
+            f"loopback): write {loopback} for this machine, or the backend's own address")
 
 
 def default_backend_name(host: str, port: int) -> str:
@@ -700,6 +740,10 @@ def _backends(r: _Reader, raw: Any, path: str) -> tuple[BackendConfig, ...]:
             scheme, host, port = parse_backend_url(b["url"])
         except ValueError as exc:
             r.problem(f"{bpath}.url", str(exc))
+            continue
+        unspecified = unspecified_host_problem(host)
+        if unspecified is not None:
+            r.problem(f"{bpath}.url", unspecified)
             continue
         discovery = r.get(b, "discovery", bpath, _discovery, None)
         interval = r.get(b, "resolve_interval", bpath, _positive_duration, 5.0)

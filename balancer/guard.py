@@ -12,7 +12,6 @@ Used by ``balancer check`` and, before a config goes live, by ``run`` and every 
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 import random
 import socket
@@ -22,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from balancer.backend import Backend
-from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig
+from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig, numeric_ip
 from balancer.pool import NoBackend, Pool
 from balancer.strategies import PickContext, resolve_strategy
 
@@ -223,14 +222,18 @@ def _parse_key(cls: type, raw: object) -> tuple[str, str] | None:
 _Identity = tuple[str, frozenset[str], int]
 
 
+#: What a connection to the unspecified address reaches on Linux: this machine's loopback.
+_UNSPECIFIED_REACHES = {4: "127.0.0.1", 6: "::1"}
+
+
 def _normal_ip(text: str) -> str | None:
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
+    """One spelling per address (``127.1``, ``::ffff:127.0.0.1`` → ``127.0.0.1``), None for a
+    name. The config refuses ``0.0.0.0`` as a backend, but a name may resolve to it: it is
+    compared as the loopback it reaches, so the duplicate rule sees it."""
+    ip = numeric_ip(text)
+    if ip is None:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.compressed
+    return _UNSPECIFIED_REACHES[ip.version] if ip.is_unspecified else ip.compressed
 
 
 def _resolve(hosts: Iterable[str]) -> dict[str, frozenset[str] | None]:

@@ -182,6 +182,20 @@ def test_against_an_old_config_that_no_longer_loads(tmp_path: Path) -> None:
     assert "  web1   new → 50%  *" in result.stdout.splitlines()
 
 
+def test_wildcard_and_loopback_backends_are_refused(tmp_path: Path) -> None:
+    # The example: one socket on Linux, once accepted at 50/50.
+    path = write(tmp_path / "twin.yaml", {"pools": {"web": {"backends": [
+        {"name": "web1", "url": "http://0.0.0.0:9001"},
+        {"name": "web2", "url": "http://127.0.0.1:9001"}]}}})
+    result = check("-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        (f"{path}: pools.web.backends[0].url: 0.0.0.0 is not an address to connect to (on Linux "
+         "it reaches this machine's loopback): write 127.0.0.1 for this machine, or the "
+         "backend's own address")]
+    assert result.stdout == f"{path}: invalid (1 problem)\n"
+
+
 def test_plugin_next_to_the_config_is_found_from_any_directory(tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     conf.mkdir()

@@ -118,6 +118,32 @@ def test_bad_backend_urls_name_the_entry(url: str, why: str) -> None:
     assert why in found[0]
 
 
+@pytest.mark.parametrize(("url", "host", "loopback"), [
+    ("http://0.0.0.0:9001", "0.0.0.0", "127.0.0.1"),
+    ("http://[::]:9001", "::", "::1"),
+    ("http://[0:0::0]:9001", "0:0::0", "::1"),
+    ("http://0:9001", "0", "127.0.0.1"),
+    ("http://0x0:9001", "0x0", "127.0.0.1"),
+    ("http://00.0.0.0:9001", "00.0.0.0", "127.0.0.1"),
+    ("http://[::ffff:0.0.0.0]:9001", "::ffff:0.0.0.0", "127.0.0.1"),
+    ("https://0.0.0.0", "0.0.0.0", "127.0.0.1"),
+])
+def test_unspecified_backend_address_is_refused_naming_the_key(url: str, host: str,
+                                                               loopback: str) -> None:
+    # On Linux a connection to 0.0.0.0 reaches this machine: beside 127.0.0.1:9001 it would
+    # be one server counted as two (issue 9).
+    found = problems(pool("http://127.0.0.1:9001", {"url": url}))
+    assert found == [(f"pools.web.backends[1].url: {host} is not an address to connect to (on "
+                      f"Linux it reaches this machine's loopback): write {loopback} for this "
+                      f"machine, or the backend's own address")]
+
+
+@pytest.mark.parametrize("url", ["http://127.1:9001", "http://[::1]:9001", "http://10.0.0.1",
+                                 "http://zero.example:9001", "http://0.0.0.1:9001"])
+def test_other_numeric_hosts_are_backend_addresses(url: str) -> None:
+    assert len(parse_config(pool("http://127.0.0.1:9002", url)).pools["web"].backends) == 2
+
+
 # --------------------------------------------------------------------------- unknown keys
 
 

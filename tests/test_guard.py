@@ -194,6 +194,9 @@ def test_without_resolving_names_are_compared_as_written() -> None:
     ("http://[::1]:9001", "http://[0:0:0:0:0:0:0:1]:9001", True),
     ("http://[::ffff:127.0.0.1]:9001", "http://127.0.0.1:9001", True),
     ("http://127.0.0.1:80", "http://127.0.0.1", True),
+    ("http://127.1:9001", "http://127.0.0.1:9001", True),
+    ("http://0x7f.1:9001", "http://127.0.0.1:9001", True),
+    ("http://[::ffff:7f00:1]:9001", "http://127.1:9001", True),
     ("http://127.0.0.1:9001", "http://127.0.0.1:9002", False),
     ("http://127.0.0.1:443", "https://127.0.0.1:443", False),
 ])
@@ -201,6 +204,30 @@ def test_addresses_are_normalised_before_comparing(a: str, b: str, same: bool) -
     report = check(config([{"name": "x", "url": a}, {"name": "y", "url": b}]))
     dup = [e for e in report.errors if "are the same server" in e]
     assert bool(dup) is same, report.errors
+
+
+@pytest.mark.parametrize("resolve", [False, True])
+def test_loopback_written_another_way_is_the_same_server(resolve: bool) -> None:
+    # 127.1 is what the C resolver makes 127.0.0.1 of: compared as that, with or without DNS.
+    cfg = config([{"name": "web1", "url": "http://127.1:9001"},
+                  {"name": "web2", "url": "http://127.0.0.1:9001"}])
+    report = check(cfg, resolve=resolve)
+    assert ("pools.web: backends web1 and web2 are the same server (http://127.1:9001, "
+            "http://127.0.0.1:9001); together they would receive 100% of traffic"
+            ) in report.errors
+    assert not report.warnings
+
+
+@pytest.mark.parametrize(("address", "reaches"), [
+    ("0.0.0.0", "127.0.0.1"), ("::", "::1"), ("::ffff:0.0.0.0", "127.0.0.1"),
+    ("0", "127.0.0.1"), ("127.1", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"),
+    ("localhost", None),
+])
+def test_an_address_is_compared_as_what_a_connection_to_it_reaches(address: str,
+                                                                   reaches: str | None) -> None:
+    # The config refuses 0.0.0.0 as written; a name may still resolve to it (an /etc/hosts
+    # line, a DNS answer), and then it is the loopback it reaches.
+    assert guard._normal_ip(address) == reaches
 
 
 def test_three_entries_for_one_server_are_one_group() -> None:
