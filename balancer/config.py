@@ -31,6 +31,11 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
+class UnreadableConfig(ConfigError):
+    """The file itself cannot be read (missing, a directory, no permission): not a config's
+    mistake, so ``balancer check`` answers it like a usage error (exit 2)."""
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -457,9 +462,17 @@ def load_config(path: str | Path) -> Config:
     """Read and parse a YAML file; raises ConfigError with every problem found."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"], source) from None
+        raise UnreadableConfig([f"{source}: cannot read: {exc.strerror or exc}"],
+                               source) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise ConfigError([f"{source}: line {line}, column {column}: not UTF-8 text (byte "
+                           f"{raw[exc.start]:#04x})"], source) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
