@@ -72,6 +72,9 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
         routes = reached.get(name, [])
         if not routes:
             report.warnings.append(f"{where}: no route reaches this pool; it gets no traffic")
+        hint = _hash_key_hint(pool, routes)
+        if hint is not None:
+            report.warnings.append(f"{where}: {hint}")
         servers, unresolved = _servers(pool.backends, addresses, resolve)
         report.warnings.extend(
             f"{where}: backend {b.name}: host {b.host!r} does not resolve here; "
@@ -177,8 +180,7 @@ def _fixed_hash_key(pool: PoolConfig, routes: Sequence[RouteConfig],
     if key is None:
         return []
     kind, name = key
-    if not (kind == "header" and name.lower() == "host" and routes
-            and all(r.host and not r.host.startswith("*.") for r in routes)):
+    if not (kind == "header" and name.lower() == "host" and _hosts_pinned(routes)):
         return []
     hosts = sorted({r.host or "" for r in routes})
     spread = ("every request hashes alike" if len(hosts) == 1
@@ -187,6 +189,35 @@ def _fixed_hash_key(pool: PoolConfig, routes: Sequence[RouteConfig],
     return [(f"consistent_hash key header:{name} only takes the values the routes to this pool "
             f"pin ({', '.join(hosts)}), so {spread}; {top} would receive {pct(shares[top])} "
             f"of traffic")]
+
+
+def _hosts_pinned(routes: Sequence[RouteConfig]) -> bool:
+    """Every route to the pool names one exact host: its requests carry only those."""
+    return bool(routes) and all(r.host and not r.host.startswith("*.") for r in routes)
+
+
+def _hash_key_hint(pool: PoolConfig, routes: Sequence[RouteConfig]) -> str | None:
+    """What simulated traffic cannot show about a hash key: how real requests carry it."""
+    key = _hash_key(pool)
+    if key is None:
+        return None
+    kind, name = key
+    written = str(pool.strategy.options.get("key", "client_ip")).strip()  # as the config has it
+    see = "see how real traffic splits with balancer check --replay LOG"
+    if not pool.strategy.options.get("balance_factor"):
+        see = f"balance_factor (e.g. 1.25) bounds any one backend's load; {see}"
+    if kind == "client_ip":
+        return (f"consistent_hash key client_ip: clients behind one NAT or proxy (or a CDN "
+                f"edge) share an address, and so one backend; {see}")
+    if kind == "path":
+        return (f"consistent_hash key path: requests for one path share one backend, so a site "
+                f"where most requests are for / sends most of them to one; {see}")
+    if name.lower() == "host":  # pinned by the routes: refused by _fixed_hash_key instead
+        return None if _hosts_pinned(routes) else (
+            f"consistent_hash key {written}: a site served under one name sends every "
+            f"request to one backend; {see}")
+    return (f"consistent_hash key {written}: requests without it fall back to the client "
+            f"address, and clients behind one NAT or proxy share one backend; {see}")
 
 
 def _hash_key(pool: PoolConfig) -> tuple[str, str] | None:

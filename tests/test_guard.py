@@ -555,6 +555,45 @@ def test_hashing_on_what_varies_is_accepted(key: str) -> None:
     assert all(abs(s - 1 / 3) < 0.03 for s in report.shares["api"].values())
 
 
+REPLAY = "see how real traffic splits with balancer check --replay LOG"
+BOUND = "balance_factor (e.g. 1.25) bounds any one backend's load; "
+
+
+@pytest.mark.parametrize(("key", "says"), [
+    ("header:X-Tenant", "consistent_hash key header:X-Tenant: requests without it fall back to "
+                        "the client address, and clients behind one NAT or proxy share one "
+                        "backend; "),
+    ("cookie:sid", "consistent_hash key cookie:sid: requests without it fall back to the client "
+                   "address, and clients behind one NAT or proxy share one backend; "),
+    ("path", "consistent_hash key path: requests for one path share one backend, so a site where "
+             "most requests are for / sends most of them to one; "),
+    ("header:Host", "consistent_hash key header:Host: a site served under one name sends every "
+                    "request to one backend; "),
+    ("client_ip", "consistent_hash key client_ip: clients behind one NAT or proxy (or a CDN "
+                  "edge) share an address, and so one backend; "),
+])
+def test_a_hash_key_gets_one_warning_pointing_to_replay(key: str, says: str) -> None:
+    # Simulated traffic always carries the key; real clients may not (issue 9): one line, a
+    # warning (the config is accepted), naming the pool.
+    report = check(hashed(key, [{"path_prefix": "/api", "pool": "api"}]))
+    assert report.ok, report.errors
+    assert report.warnings == [f"pools.api: {says}{BOUND}{REPLAY}"]
+
+
+def test_with_balance_factor_the_warning_only_points_to_replay() -> None:
+    cfg = parse_config({"pools": {"api": {
+        "strategy": {"name": "consistent_hash", "key": "client_ip", "balance_factor": 1.25},
+        "backends": backends(1, 1)}}})
+    [line] = check(cfg).warnings
+    assert line.endswith("share an address, and so one backend; " + REPLAY)
+
+
+def test_a_pinned_host_key_is_refused_without_the_warning() -> None:
+    report = check(hashed("header:Host", [{"host": "api.example.com", "pool": "api"}]))
+    assert not report.ok
+    assert report.warnings == []
+
+
 def test_the_stream_varies_the_header_or_cookie_a_hash_key_names() -> None:
     cfg = hashed("cookie:sid", [{"pool": "api"}])
     traffic = guard.synthetic_traffic(cfg.pools["api"], count=500)
