@@ -511,11 +511,30 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     routes = _routes(r, top.get("routes"), pools)
     client = _client(r, top.get("client"))
     tls = _tls(r, top.get("tls"))
+    if _overlap(listen, admin):
+        r.problem("admin", f"{admin} is where listen ({listen}) accepts clients: one port cannot "
+                           f"serve both; give admin a port of its own")
     if r.problems:
         raise ConfigError(r.problems, source)
     return Config(pools=MappingProxyType(pools), routes=routes, listen=listen, admin=admin,
                   guard=guard, drain_timeout=drain, source=source, admin_token=admin_token,
                   access_log=access_log, resolver=resolver, client=client, tls=tls)
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Binding both would fail: one port (0 asks for any, so never clashes) and hosts that are
+    the same, or a wildcard that covers the other (``::`` covers IPv4 too: dual-stack)."""
+    if a.port != b.port or a.port == 0:
+        return False
+    x, y = numeric_ip(a.host), numeric_ip(b.host)
+    for wild, other in ((x, y), (y, x)):
+        # A name counts as covered by either wildcard: it may resolve to either family.
+        if wild is not None and wild.is_unspecified and (
+                other is None or wild.version == 6 or other.version == 4):
+            return True
+    if x is None or y is None:  # a name: only the same name is known to clash
+        return a.host.lower().rstrip(".") == b.host.lower().rstrip(".")
+    return x == y
 
 
 def _client(r: _Reader, raw: Any) -> ClientConfig:

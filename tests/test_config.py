@@ -92,6 +92,38 @@ def test_bad_addresses_say_why(bad: object, why: str) -> None:
         parse_address(bad)
 
 
+@pytest.mark.parametrize(("listen", "admin"), [
+    ("127.0.0.1:8080", "127.0.0.1:8080"),
+    ("0.0.0.0:8080", "127.0.0.1:8080"),     # the wildcard covers the admin's address
+    ("0.0.0.0:8080", 8080),                 # a bare admin port is 127.0.0.1:port
+    ("127.0.0.1:8080", "0.0.0.0:8080"),
+    ("[::]:8080", "127.0.0.1:8080"),        # :: is dual-stack: it covers IPv4 too
+    ("[::1]:8080", "[0:0::1]:8080"),
+    ("127.1:8080", "127.0.0.1:8080"),
+    ("0.0.0.0:8080", "localhost:8080"),
+    ("localhost:8080", "LOCALHOST:8080"),
+])
+def test_listen_and_admin_on_one_socket_are_refused_naming_both(listen: object,
+                                                                admin: object) -> None:
+    # It passed `check` and failed at `run` (issue 9): now the config check says so.
+    found = problems({"listen": listen, "admin": admin, **pool("http://127.0.0.1:9001")})
+    a, l_ = parse_address(admin, "127.0.0.1"), parse_address(listen)
+    assert found == [f"admin: {a} is where listen ({l_}) accepts clients: one port cannot serve "
+                     f"both; give admin a port of its own"]
+
+
+@pytest.mark.parametrize(("listen", "admin"), [
+    ("127.0.0.1:8080", "127.0.0.1:9100"),   # other ports
+    ("127.0.0.1:0", "127.0.0.1:0"),         # 0: each gets a port of its own
+    ("127.0.0.1:8080", "127.0.0.2:8080"),   # other addresses
+    ("0.0.0.0:8080", "[::1]:8080"),         # the IPv4 wildcard does not cover IPv6
+    ("localhost:8080", "127.0.0.2:8080"),
+])
+def test_listen_and_admin_that_can_both_bind_are_accepted(listen: object, admin: object) -> None:
+    c = parse_config({"listen": listen, "admin": admin, **pool("http://127.0.0.1:9001")})
+    assert c.admin == parse_address(admin, "127.0.0.1")
+
+
 def test_ipv6_address_prints_with_brackets() -> None:
     assert str(Address("::1", 9100)) == "[::1]:9100"
 

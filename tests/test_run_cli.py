@@ -128,3 +128,19 @@ async def test_start_line_names_pools_backends_and_admin(tmp_path: Path) -> None
             assert f"b{p} http://127.0.0.1:{p}" in line
         proc.send(signal.SIGINT)
         assert await proc.wait_exit() == 0
+
+
+def test_listen_equal_to_admin_is_refused_by_check_and_run_alike(tmp_path: Path) -> None:
+    # It used to pass `check` and fail only at `run`, with a bind error (issue 9).
+    port = free_port()
+    cfg = write_config(tmp_path / "same.yaml", {
+        "listen": f"0.0.0.0:{port}",
+        "admin": port,
+        "pools": {"web": pool_config([free_port(), free_port()])},
+    })
+    line = (f"{cfg}: admin: 127.0.0.1:{port} is where listen (0.0.0.0:{port}) accepts clients: "
+            "one port cannot serve both; give admin a port of its own")
+    for command in ("check", "run"):
+        result = run_cli(command, "-c", str(cfg))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines() == [line], result.stderr
