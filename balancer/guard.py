@@ -518,8 +518,13 @@ def format_shares(report: GuardReport) -> str:
     return "\n".join(lines)
 
 
+#: Under a share diff that marks any row: what the mark means.
+DIFF_LEGEND = "* share changed"
+
+
 def format_diff(old: GuardReport | None, new: GuardReport) -> str:
-    """Each backend's share before → after (``web1  33% → 100%``); added and removed shown."""
+    """Each backend's share before → after (``web1  33% → 100%  *``); added and removed
+    shown; under it, when any row is marked, the legend of the mark."""
     before = old.shares if old is not None else {}
     lines = []
     for pool in list(new.shares) + [p for p in before if p not in new.shares]:
@@ -534,4 +539,6 @@ def format_diff(old: GuardReport | None, new: GuardReport) -> str:
             right = _whole(b[name]) if name in b else "removed"
             mark = "" if left == right else "  *"
             lines.append(f"  {name:<{width}}  {left:>4} → {right}{mark}")
+    if any(line.endswith("  *") for line in lines):
+        lines.append(DIFF_LEGEND)
     return "\n".join(lines)

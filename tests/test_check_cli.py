@@ -176,6 +176,7 @@ def test_against_shows_each_backend_before_and_after_even_when_refused(tmp_path:
     assert "  web1   33% → 100%  *" in out
     assert "  web2   33% → removed  *" in out
     assert "  web3   33% → removed  *" in out
+    assert out[out.index("  web3   33% → removed  *") + 1] == "* share changed"
 
 
 def test_against_an_accepted_change(tmp_path: Path) -> None:
@@ -278,3 +279,13 @@ def test_same_config_same_numbers_in_every_process(tmp_path: Path) -> None:
         assert result.returncode == 0
         outputs.add(result.stdout)
     assert len(outputs) == 1
+
+
+def test_help_lists_the_exit_codes_and_the_diff_mark() -> None:
+    result = run_cli("check", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for said in ("exit codes:", "0 the config would load", "1 refused by the guard or invalid",
+                 "2 a usage error, or a file (FILE or OLD) that cannot be read",
+                 '"*" marks a backend whose share changed'):
+        assert said in text, result.stdout

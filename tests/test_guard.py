@@ -486,7 +486,14 @@ def test_format_diff_shows_before_and_after() -> None:
         "  web1   33% → 100%  *",
         "  web2   33% → removed  *",
         "  web3   33% → removed  *",
+        "* share changed",
     ]
+
+
+def test_format_diff_without_a_change_has_no_legend() -> None:
+    report = check(config(backends(1, 1)))
+    assert format_diff(report, report).splitlines() == [
+        "pool web", "  web1   50% → 50%", "  web2   50% → 50%"]
 
 
 def test_format_diff_shows_added_backends_and_pools() -> None:
@@ -498,8 +505,9 @@ def test_format_diff_shows_added_backends_and_pools() -> None:
     lines = format_diff(old, new).splitlines()
     assert lines[:5] == ["pool web", "  web1   50% → 25%  *", "  web2   50% → 25%  *",
                          "  web3   new → 25%  *", "  web4   new → 25%  *"]
-    assert lines[5:] == ["pool api (new pool)", "  web1   new → 50%  *", "  web2   new → 50%  *"]
-    assert format_diff(new, old).splitlines()[-3] == "pool api (removed)"
+    assert lines[5:] == ["pool api (new pool)", "  web1   new → 50%  *", "  web2   new → 50%  *",
+                         "* share changed"]
+    assert format_diff(new, old).splitlines()[-4] == "pool api (removed)"
 
 
 def test_format_diff_without_an_old_report() -> None:

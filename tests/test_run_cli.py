@@ -144,3 +144,12 @@ def test_listen_equal_to_admin_is_refused_by_check_and_run_alike(tmp_path: Path)
         result = run_cli(command, "-c", str(cfg))
         assert result.returncode == 1, result.stderr
         assert result.stderr.splitlines() == [line], result.stderr
+
+
+def test_run_help_says_how_to_reload_stop_and_set_the_log_level() -> None:
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for said in ("kill -HUP PID", "POST /reload", "admin address", "--watch", "SIGTERM",
+                 "drain_timeout (default 30s)", "BALANCER_LOG_LEVEL", "exit codes:"):
+        assert said in text, result.stdout
