@@ -1,25 +1,20 @@
 """The command line: ``balancer run | check | demo``.
 
-Exit codes: 0 success, 1 a refused or invalid config (or a failed run), 2 usage errors.
+Exit codes: 0 success, 1 a refused or invalid config (or a failed run), 2 usage errors (and,
+for `check`, a file that cannot be read).
 Each command lives in the module that owns it; this file only parses arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from balancer import __version__
-from balancer.config import Config
+from balancer.config import Config, defaults
 
-
-def _default(key: str) -> object:
-    """A top-level key's default, from the model (balancer/config.py), not written again."""
-    return next(f.default for f in dataclasses.fields(Config) if f.name == key)
-
-
-_ADMIN, _DRAIN = _default("admin"), f"{_default('drain_timeout'):g}s"
+# Defaults from the model (balancer/config.py), not written again here.
+_ADMIN, _DRAIN = defaults(Config)["admin"], f"{defaults(Config)['drain_timeout']:g}s"
 RUN_EPILOG = f"""\
 reloading (the running config stays when the guard refuses the new one):
   kill -HUP PID                 re-read FILE and apply it if the guard accepts it

@@ -9,6 +9,7 @@ import pytest
 
 from balancer.config import (
     Address,
+    Config,
     ConfigError,
     load_config,
     parse_address,
@@ -253,6 +254,42 @@ def test_routes_are_required_with_several_pools() -> None:
 def test_one_pool_needs_no_routes() -> None:
     c = parse_config(pool("http://127.0.0.1:9001"))
     assert [(r.pool, r.host, r.path_prefix) for r in c.routes] == [("web", None, "/")]
+
+
+def test_keys_left_out_load_as_the_model_defaults() -> None:
+    # The model is the one place a default is written; the loader and ProxySettings read it.
+    from balancer.config import (
+        BackendConfig,
+        ClientConfig,
+        GuardConfig,
+        HealthCheckConfig,
+        OutlierConfig,
+        PoolConfig,
+        TimeoutsConfig,
+        defaults,
+    )
+    from balancer.proxy import ProxySettings
+
+    c = parse_config(pool("http://127.0.0.1:9001", health_check={}, outlier_detection={},
+                          timeouts={}, backend_tls={}))
+    top = defaults(Config)
+    assert (c.listen, c.admin, c.drain_timeout, c.admin_token, c.access_log) == (
+        top["listen"], top["admin"], top["drain_timeout"], top["admin_token"], top["access_log"])
+    assert (c.guard, c.client) == (GuardConfig(), ClientConfig())
+    web = c.pools["web"]
+    assert (web.health_check, web.outlier_detection, web.timeouts) == (
+        HealthCheckConfig(), OutlierConfig(), TimeoutsConfig())
+    for name, value in defaults(PoolConfig).items():
+        if name not in ("health_check",):  # health_check: {} turns probes on
+            assert getattr(web, name) == value, name
+    backend = web.backends[0]
+    for name, value in defaults(BackendConfig).items():
+        assert getattr(backend, name) == value, name
+    settings, client = ProxySettings(), ClientConfig()
+    for f in dataclasses.fields(ClientConfig):
+        if f.name != "max_clients":  # None means "half the open-files limit": the app decides
+            assert getattr(settings, f.name) == getattr(client, f.name), f.name
+    assert settings.access_log == top["access_log"]
 
 
 def test_parsed_config_is_immutable() -> None:
