@@ -153,3 +153,19 @@ def test_run_help_says_how_to_reload_stop_and_set_the_log_level() -> None:
     for said in ("kill -HUP PID", "POST /reload", "admin address", "--watch", "SIGTERM",
                  "drain_timeout (default 30s)", "BALANCER_LOG_LEVEL", "exit codes:"):
         assert said in text, result.stdout
+
+
+def test_admin_port_in_use_names_the_admin_key_and_address(tmp_path: Path) -> None:
+    admin = free_port()
+    cfg = write_config(tmp_path / "ok.yaml", {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin": f"127.0.0.1:{admin}",
+        "pools": {"web": pool_config([free_port(), free_port()])},
+    })
+    with _listening_socket(admin):
+        run = run_cli("run", "-c", str(cfg))
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, run.stderr
+    assert errors[0].endswith(f"admin 127.0.0.1:{admin}: address already in use"), run.stderr
+    assert "Errno" not in run.stderr and "Traceback" not in run.stderr
