@@ -474,19 +474,29 @@ _ROUTE_KEYS = {"host", "path_prefix", "pool"}
 
 def load_config(path: str | Path) -> Config:
     """Read and parse a YAML file; raises ConfigError with every problem found."""
-    source = str(path)
+    return parse_config_text(read_config(path), path)
+
+
+def read_config(path: str | Path) -> str:
+    """The file's text. UnreadableConfig (one line naming it) when it cannot be read; a
+    ConfigError naming the line and column when it is not UTF-8 (a file read, but invalid)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise UnreadableConfig([f"{source}: cannot read: {exc.strerror or exc}"],
-                               source) from None
+        raise UnreadableConfig([f"{path}: cannot read: {exc.strerror or exc}"],
+                               str(path)) from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - raw.rfind(b"\n", 0, exc.start)
-        raise ConfigError([f"{source}: line {line}, column {column}: not UTF-8 text (byte "
-                           f"{raw[exc.start]:#04x})"], source) from None
+        raise ConfigError([f"{path}: line {line}, column {column}: not UTF-8 text (byte "
+                           f"{raw[exc.start]:#04x})"], str(path)) from None
+
+
+def parse_config_text(text: str, path: str | Path) -> Config:
+    """Parse the YAML ``text`` read from ``path`` (plug-ins may sit next to it)."""
+    source = str(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
