@@ -350,9 +350,14 @@ class AdminServer:
         site = web.TCPSite(runner, addr.host, addr.port, reuse_address=True)
         try:
             await site.start()
-        except OSError:
+        except OSError as exc:
             await runner.cleanup()
-            raise
+            # Worded as the proxy's own bind error ("listen ADDR: why"), naming the config key;
+            # the text is the whole message: "admin 127.0.0.1:9100: address already in use".
+            text = exc.strerror or str(exc)
+            failed = OSError(f"admin {addr}: {text.rsplit(': ', 1)[-1].lower()}")
+            failed.errno = exc.errno
+            raise failed from None
         self._runner = runner
         self._bound = addr
         sock = site._server.sockets[0]  # type: ignore[union-attr]

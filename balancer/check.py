@@ -1,9 +1,12 @@
 """``balancer check``: would this config load? The pre-deployment test for an operator or CI.
 
 Exit 0 when it would load, 1 when it is refused or invalid (every problem on stderr, one line
-each, config problems first, then the guard's refusals). On stdout: the verdict, each pool's
-simulated shares and worst single failure; with ``--against OLD``, each backend's share
-before → after, printed even when the new config is refused, so a reviewer sees the change.
+each, config problems first, then the guard's refusals), 2 for a usage error or a file that
+cannot be read. On stdout: the verdict, each pool's simulated shares and worst single failure;
+with ``--against OLD``, each backend's share before → after, printed even when the new config
+is refused, so a reviewer sees the change. An OLD that cannot be read is exit 2, one that is
+invalid exit 1 (its problems prefixed ``--against:``): a review step that compares with nothing
+must not pass.
 """
 
 from __future__ import annotations
@@ -11,28 +14,49 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from balancer.config import Config, ConfigError, load_config
+from balancer.config import Config, ConfigError, UnreadableConfig, load_config
 from balancer.discovery import expand
-from balancer.guard import GuardReport, evaluate, format_diff, format_shares, pct
+from balancer.guard import evaluate, format_diff, format_shares, pct
+
+#: Before each line about the ``--against`` file, so no reader takes it for the new config's.
+AGAINST = "--against: "
 
 
 def main_check(config_path: str, against: str | None) -> int:
     """Check ``config_path`` (optionally against the deployed ``against``); the exit code."""
     out, err = sys.stdout, sys.stderr
+    old_config: Config | None = None
+    old_problems: list[str] = []
+    if against:
+        try:
+            old_config = _load_against(against)
+        except UnreadableConfig as exc:
+            _lines(err, against, exc.problems, AGAINST)
+            return 2
+        except ConfigError as exc:
+            old_problems = exc.problems
     try:
         config = expand(load_config(config_path))  # discovery: dns → the addresses it has now
     except ConfigError as exc:
         _lines(err, config_path, exc.problems)
+        if isinstance(exc, UnreadableConfig):
+            return 2
+        _lines(err, against or "", old_problems, AGAINST)
         print(f"{config_path}: invalid ({_count(exc.problems)})", file=out)
         return 1
     report = evaluate(config)
-    old = _old_report(against, err) if against else None
+    old = evaluate(old_config) if old_config is not None else None
 
     _lines(err, config_path, report.errors)
+    _lines(err, against or "", old_problems, AGAINST)
     _lines(err, config_path, report.warnings, "warning: ")
     verdict = "accepted" if report.ok else f"refused ({_count(report.errors)})"
     print(f"{config_path}: {verdict}", file=out)
-    if against:
+    if old_problems:
+        print(f"--against {against}: invalid ({_count(old_problems)}); nothing to compare with",
+              file=out)
+        print(format_shares(report), file=out)
+    elif against:
         print(f"\nshares before ({against}) → after ({config_path}):", file=out)
         print(format_diff(old, report), file=out)
         worst = [f"  pool {p}: if {w[0]} fails, {w[1]} takes {pct(w[2])}"
@@ -41,17 +65,14 @@ def main_check(config_path: str, against: str | None) -> int:
             print("\nworst single failure:", *worst, sep="\n", file=out)
     else:
         print(format_shares(report), file=out)
-    return 0 if report.ok else 1
+    return 0 if report.ok and not old_problems else 1
 
 
-def _old_report(path: str, err: TextIO) -> GuardReport | None:
-    """The deployed config's shares; if it no longer loads, say so and compare with nothing."""
-    try:
-        old: Config = expand(load_config(path))
-    except ConfigError as exc:
-        _lines(err, path, exc.problems, "warning: --against: ")
-        return None
-    return evaluate(old)
+def _load_against(path: str) -> Config:
+    """The deployed config, expanded as the new one is; raises ConfigError (UnreadableConfig
+    when the file cannot be read). Loaded before the new one is judged, so a missing file
+    answers at once, without a simulation first."""
+    return expand(load_config(path))
 
 
 def _lines(stream: TextIO, source: str, problems: list[str], prefix: str = "") -> None:

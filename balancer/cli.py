@@ -1,6 +1,7 @@
 """The command line: ``balancer run | check | demo``.
 
-Exit codes: 0 success, 1 a refused or invalid config (or a failed run), 2 usage errors.
+Exit codes: 0 success, 1 a refused or invalid config (or a failed run), 2 usage errors (and,
+for `check`, a file that cannot be read).
 Each command lives in the module that owns it; this file only parses arguments.
 """
 
@@ -10,6 +11,39 @@ import argparse
 import sys
 
 from balancer import __version__
+from balancer.config import Config, defaults
+
+# Defaults from the model (balancer/config.py), not written again here.
+_ADMIN, _DRAIN = defaults(Config)["admin"], f"{defaults(Config)['drain_timeout']:g}s"
+RUN_EPILOG = f"""\
+reloading (the running config stays when the guard refuses the new one):
+  kill -HUP PID                 re-read FILE and apply it if the guard accepts it
+  POST /reload                  the same over the admin address (config key admin,
+                                default {_ADMIN}); with admin_token set it needs
+                                Authorization: Bearer TOKEN. 200 applied, 409 refused
+  --watch                       the same whenever FILE's content changes
+
+stopping:
+  SIGTERM or SIGINT             stop accepting, let requests in flight finish for up
+                                to drain_timeout (default {_DRAIN}), then exit 0
+
+environment:
+  BALANCER_LOG_LEVEL            DEBUG, INFO (default), WARNING or ERROR; logs go to
+                                stderr, one line each
+
+exit codes: 0 after a clean drain, 1 when the config is refused or invalid or an
+address cannot be bound
+"""
+
+CHECK_EPILOG = """\
+exit codes:
+  0  the config would load (warnings, if any, on stderr)
+  1  refused by the guard or invalid: one line per problem on stderr, naming where;
+     with --against, also an OLD that is invalid (its lines start "--against:")
+  2  a usage error, or a file (FILE or OLD) that cannot be read
+
+In the share diff of --against, "*" marks a backend whose share changed.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,13 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"balancer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="serve traffic with a config")
+    run = sub.add_parser("run", help="serve traffic with a config", epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     run.add_argument("--watch", action="store_true",
                      help="reload when the config file's content changes (a mounted ConfigMap),"
                           " with the guard deciding as on SIGHUP")
 
-    check = sub.add_parser("check", help="validate a config and simulate its traffic shares")
+    check = sub.add_parser("check", help="validate a config and simulate its traffic shares",
+                           epilog=CHECK_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     check.add_argument("--against", metavar="OLD",
                        help="the config now deployed: print each backend's share before → after")

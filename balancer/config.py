@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, TypeVar
@@ -28,6 +29,11 @@ class ConfigError(Exception):
         self.problems = problems
         self.source = source
         super().__init__("\n".join(problems))
+
+
+class UnreadableConfig(ConfigError):
+    """The file itself cannot be read (missing, a directory, no permission): not a config's
+    mistake, so ``balancer check`` answers it like a usage error (exit 2)."""
 
 
 # --------------------------------------------------------------------------- the model
@@ -208,6 +214,20 @@ class Config:
     tls: TlsConfig | None = None
 
 
+def defaults(cls: type) -> Mapping[str, Any]:
+    """Field name → default of a model class above (required fields left out).
+
+    The model is the one place a default is written: the loader, ``ProxySettings`` and the
+    help texts read them from here, and tests/test_docs.py holds the docs to them."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return MappingProxyType(out)
+
+
 # --------------------------------------------------------------------------- small parsers
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -294,6 +314,45 @@ def parse_backend_url(url: Any) -> tuple[str, str, int]:
     if not host:
         raise ValueError(f"has no host, got {url!r}")
     return parts.scheme, host.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+_LEGACY_IPV4 = re.compile(r"(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}", re.IGNORECASE)
+
+
+def numeric_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host written as a number connects to, or None for a name.
+
+    Besides the usual forms this reads the ones the C resolver also takes (``127.1``, ``0``,
+    ``0x7f.1``, ``010.0.0.1``), so ``127.1`` is compared as the ``127.0.0.1`` it reaches.
+    An IPv4-mapped IPv6 address is its IPv4 address; a zone (``%eth0``) is dropped.
+    """
+    text = host.split("%", 1)[0]
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text)
+    except ValueError:
+        if not _LEGACY_IPV4.fullmatch(text):
+            return None
+        try:
+            ip = ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def unspecified_host_problem(host: str) -> str | None:
+    """Why ``host`` (0.0.0.0, ::, 0, …) cannot be a backend address, or None when it can.
+
+    Connecting to the unspecified address reaches this machine on Linux, so ``0.0.0.0:9001``
+    beside ``127.0.0.1:9001`` would be one server counted as two.
+    """
+    ip = numeric_ip(host)
+    if ip is None or not ip.is_unspecified:
+        return None
+    loopback = "127.0.0.1" if ip.version == 4 else "::1"
+    return (f"{host} is not an address to connect to (on Linux it reaches this machine's "
+            f"loopback): write {loopback} for this machine, or the backend's own address")
 
 
 def default_backend_name(host: str, port: int) -> str:
@@ -422,12 +481,20 @@ def load_config(path: str | Path) -> Config:
 
 
 def read_config(path: str | Path) -> str:
-    """The file's text; ConfigError (one line naming it) when it cannot be read."""
+    """The file's text. UnreadableConfig (one line naming it) when it cannot be read; a
+    ConfigError naming the line and column when it is not UTF-8 (a file read, but invalid)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError([f"{path}: cannot read: {why}"], str(path)) from None
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise UnreadableConfig([f"{path}: cannot read: {exc.strerror or exc}"],
+                               str(path)) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise ConfigError([f"{path}: line {line}, column {column}: not UTF-8 text (byte "
+                           f"{raw[exc.start]:#04x})"], str(path)) from None
 
 
 def parse_config_text(text: str, path: str | Path) -> Config:
@@ -459,11 +526,11 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     top = r.mapping(data, "", _TOP_KEYS)
     if top is None:
         raise ConfigError([f"{source}: the config must be a mapping at the top level"], source)
-    listen = r.get(top, "listen", "", parse_address, Address("0.0.0.0", 8080))
-    admin = r.get(top, "admin", "", lambda v: parse_address(v, "127.0.0.1"),
-                  Address("127.0.0.1", 9100))
-    drain = r.get(top, "drain_timeout", "", parse_duration, 30.0)
-    admin_token = r.get(top, "admin_token", "", _text, None)
+    d = defaults(Config)
+    listen = r.get(top, "listen", "", lambda v: parse_address(v, d["listen"].host), d["listen"])
+    admin = r.get(top, "admin", "", lambda v: parse_address(v, d["admin"].host), d["admin"])
+    drain = r.get(top, "drain_timeout", "", parse_duration, d["drain_timeout"])
+    admin_token = r.get(top, "admin_token", "", _text, d["admin_token"])
     access_log = r.get(top, "access_log", "", _bool, True)
     resolver = _resolver(r, top.get("resolver"))
     guard = _guard(r, top.get("guard"))
@@ -471,6 +538,9 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     routes = _routes(r, top.get("routes"), pools)
     client = _client(r, top.get("client"))
     tls = _tls(r, top.get("tls"))
+    if _overlap(listen, admin):
+        r.problem("admin", f"{admin} is where listen ({listen}) accepts clients: one port cannot "
+                           f"serve both; give admin a port of its own")
     if r.problems:
         raise ConfigError(r.problems, source)
     return Config(pools=MappingProxyType(pools), routes=routes, listen=listen, admin=admin,
@@ -478,11 +548,27 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
                   access_log=access_log, resolver=resolver, client=client, tls=tls)
 
 
+def _overlap(a: Address, b: Address) -> bool:
+    """Binding both would fail: one port (0 asks for any, so never clashes) and hosts that are
+    the same, or a wildcard that covers the other (``::`` covers IPv4 too: dual-stack)."""
+    if a.port != b.port or a.port == 0:
+        return False
+    x, y = numeric_ip(a.host), numeric_ip(b.host)
+    for wild, other in ((x, y), (y, x)):
+        # A name counts as covered by either wildcard: it may resolve to either family.
+        if wild is not None and wild.is_unspecified and (
+                other is None or wild.version == 6 or other.version == 4):
+            return True
+    if x is None or y is None:  # a name: only the same name is known to clash
+        return a.host.lower().rstrip(".") == b.host.lower().rstrip(".")
+    return x == y
+
+
 def _client(r: _Reader, raw: Any) -> ClientConfig:
     c = r.mapping(raw, "client", _CLIENT_KEYS)
-    if c is None:
-        return ClientConfig()
     d = ClientConfig()
+    if c is None:
+        return d
     return ClientConfig(
         header_timeout=r.get(c, "header_timeout", "client", _positive_duration,
                              d.header_timeout),
@@ -490,8 +576,8 @@ def _client(r: _Reader, raw: Any) -> ClientConfig:
         keepalive_timeout=r.get(c, "keepalive_timeout", "client", _positive_duration,
                                 d.keepalive_timeout),
         send_timeout=r.get(c, "send_timeout", "client", _positive_duration, d.send_timeout),
-        max_clients=r.get(c, "max_clients", "client", _int(1), None),
-        max_body_size=r.get(c, "max_body_size", "client", parse_size, None),
+        max_clients=r.get(c, "max_clients", "client", _int(1), d.max_clients),
+        max_body_size=r.get(c, "max_body_size", "client", parse_size, d.max_body_size),
         max_header_size=r.get(c, "max_header_size", "client", _size_between(1024, 1 << 20),
                               d.max_header_size),
         max_url_size=r.get(c, "max_url_size", "client", _size_between(256, 1 << 20),
@@ -536,12 +622,13 @@ def _tls(r: _Reader, raw: Any) -> TlsConfig | None:
 def _backend_tls(r: _Reader, raw: Any, path: str,
                  backends: tuple[BackendConfig, ...]) -> BackendTlsConfig:
     t = r.mapping(raw, path, _BACKEND_TLS_KEYS)
+    d = BackendTlsConfig()
     if t is None or not t:
-        return BackendTlsConfig()
+        return d
     tls = BackendTlsConfig(
-        ca=r.get(t, "ca", path, _text, None),
-        verify=r.get(t, "verify", path, _bool, True),
-        server_name=r.get(t, "server_name", path, _text, None),
+        ca=r.get(t, "ca", path, _text, d.ca),
+        verify=r.get(t, "verify", path, _bool, d.verify),
+        server_name=r.get(t, "server_name", path, _text, d.server_name),
     )
     if not any(b.scheme == "https" for b in backends) and backends:
         r.problem(path, "applies to https:// backends, and this pool has none")
@@ -600,19 +687,21 @@ def _is_ip(text: str) -> bool:
 
 def _guard(r: _Reader, raw: Any) -> GuardConfig:
     g = r.mapping(raw, "guard", _GUARD_KEYS)
+    d = GuardConfig()
     if g is None:
-        return GuardConfig()
-    max_share = r.get(g, "max_share", "guard", _fraction, 0.5)
+        return d
+    max_share = r.get(g, "max_share", "guard", _fraction, d.max_share)
     if max_share == 0:
         r.problem("guard.max_share", "must be greater than 0")
     return GuardConfig(
         max_share=max_share,
-        min_backends=r.get(g, "min_backends", "guard", _int(1), 2),
-        max_share_after_failure=r.get(g, "max_share_after_failure", "guard", _fraction, None),
-        live_margin=r.get(g, "live_margin", "guard", _fraction, 0.05),
-        live_window=r.get(g, "live_window", "guard", _positive_duration, 60.0),
-        live_min_requests=r.get(g, "live_min_requests", "guard", _int(1), 100),
-        probation=r.get(g, "probation", "guard", parse_duration, GuardConfig().probation),
+        min_backends=r.get(g, "min_backends", "guard", _int(1), d.min_backends),
+        max_share_after_failure=r.get(g, "max_share_after_failure", "guard", _fraction,
+                                      d.max_share_after_failure),
+        live_margin=r.get(g, "live_margin", "guard", _fraction, d.live_margin),
+        live_window=r.get(g, "live_window", "guard", _positive_duration, d.live_window),
+        live_min_requests=r.get(g, "live_min_requests", "guard", _int(1), d.live_min_requests),
+        probation=r.get(g, "probation", "guard", parse_duration, d.probation),
     )
 
 
@@ -639,7 +728,8 @@ def _pool(r: _Reader, name: str, raw: Any, path: str) -> PoolConfig | None:
     p = r.mapping(raw, path, _POOL_KEYS)
     if p is None:
         return None
-    max_conn = r.get(p, "max_connections", path, _int(1), None)
+    d = defaults(PoolConfig)
+    max_conn = r.get(p, "max_connections", path, _int(1), d["max_connections"])
     backends = _backends(r, p.get("backends"), f"{path}.backends")
     backend_tls = _backend_tls(r, p.get("backend_tls"), f"{path}.backend_tls", backends)
     if backend_tls != BackendTlsConfig():
@@ -650,13 +740,14 @@ def _pool(r: _Reader, name: str, raw: Any, path: str) -> PoolConfig | None:
         backends=backends,
         strategy=_strategy(r, p.get("strategy"), f"{path}.strategy"),
         max_connections=max_conn,
-        queue_timeout=r.get(p, "queue_timeout", path, parse_duration, 1.0),
+        queue_timeout=r.get(p, "queue_timeout", path, parse_duration, d["queue_timeout"]),
         health_check=None if hc is None or hc is False else _health(r, hc, f"{path}.health_check"),
         outlier_detection=_outlier(r, p.get("outlier_detection"), f"{path}.outlier_detection"),
-        panic_threshold=r.get(p, "panic_threshold", path, _fraction, 0.5),
+        panic_threshold=r.get(p, "panic_threshold", path, _fraction, d["panic_threshold"]),
         timeouts=_timeouts(r, p.get("timeouts"), f"{path}.timeouts"),
-        retries=r.get(p, "retries", path, _int(0, 10), 2),
-        allow_concentration=r.get(p, "allow_concentration", path, _text, None),
+        retries=r.get(p, "retries", path, _int(0, 10), d["retries"]),
+        allow_concentration=r.get(p, "allow_concentration", path, _text,
+                                  d["allow_concentration"]),
         backend_tls=backend_tls,
     )
 
@@ -697,6 +788,7 @@ def _backends(r: _Reader, raw: Any, path: str) -> tuple[BackendConfig, ...]:
         return ()
     out: list[BackendConfig] = []
     names: dict[str, int] = {}
+    d = defaults(BackendConfig)
     for i, item in enumerate(raw):
         bpath = f"{path}[{i}]"
         if isinstance(item, str):
@@ -704,9 +796,9 @@ def _backends(r: _Reader, raw: Any, path: str) -> tuple[BackendConfig, ...]:
         b = r.mapping(item, bpath, _BACKEND_KEYS)
         if b is None:
             continue
-        weight = r.get(b, "weight", bpath, _int(0, 10_000), 1)
-        backup = r.get(b, "backup", bpath, _bool, False)
-        max_conn = r.get(b, "max_connections", bpath, _int(1), None)
+        weight = r.get(b, "weight", bpath, _int(0, 10_000), d["weight"])
+        backup = r.get(b, "backup", bpath, _bool, d["backup"])
+        max_conn = r.get(b, "max_connections", bpath, _int(1), d["max_connections"])
         if "url" not in b:
             r.problem(f"{bpath}.url", "is required")
             continue
@@ -715,8 +807,12 @@ def _backends(r: _Reader, raw: Any, path: str) -> tuple[BackendConfig, ...]:
         except ValueError as exc:
             r.problem(f"{bpath}.url", str(exc))
             continue
-        discovery = r.get(b, "discovery", bpath, _discovery, None)
-        interval = r.get(b, "resolve_interval", bpath, _positive_duration, 5.0)
+        unspecified = unspecified_host_problem(host)
+        if unspecified is not None:
+            r.problem(f"{bpath}.url", unspecified)
+            continue
+        discovery = r.get(b, "discovery", bpath, _discovery, d["discovery"])
+        interval = r.get(b, "resolve_interval", bpath, _positive_duration, d["resolve_interval"])
         if discovery is None and "resolve_interval" in b:
             r.problem(f"{bpath}.resolve_interval", "only applies with discovery: dns")
         if discovery is not None and _is_ip(host):
@@ -744,18 +840,20 @@ def _discovery(v: Any) -> str:
 
 
 def _health(r: _Reader, raw: Any, path: str) -> HealthCheckConfig | None:
+    d = HealthCheckConfig()
     if raw is True:
-        return HealthCheckConfig()
+        return d
     h = r.mapping(raw, path, _HEALTH_KEYS)
     if h is None:
         return None
     hc = HealthCheckConfig(
-        path=r.get(h, "path", path, _text, "/healthz"),
-        interval=r.get(h, "interval", path, _positive_duration, 2.0),
-        timeout=r.get(h, "timeout", path, _positive_duration, 1.0),
-        healthy_threshold=r.get(h, "healthy_threshold", path, _int(1), 2),
-        unhealthy_threshold=r.get(h, "unhealthy_threshold", path, _int(1), 3),
-        expect_status=r.get(h, "expect_status", path, _status_range, (200, 399)),
+        path=r.get(h, "path", path, _text, d.path),
+        interval=r.get(h, "interval", path, _positive_duration, d.interval),
+        timeout=r.get(h, "timeout", path, _positive_duration, d.timeout),
+        healthy_threshold=r.get(h, "healthy_threshold", path, _int(1), d.healthy_threshold),
+        unhealthy_threshold=r.get(h, "unhealthy_threshold", path, _int(1),
+                                  d.unhealthy_threshold),
+        expect_status=r.get(h, "expect_status", path, _status_range, d.expect_status),
     )
     if not hc.path.startswith("/"):
         r.problem(f"{path}.path", f"must start with '/', got {hc.path!r}")
@@ -779,23 +877,27 @@ def _status_range(v: Any) -> tuple[int, int]:
 
 def _outlier(r: _Reader, raw: Any, path: str) -> OutlierConfig:
     o = r.mapping(raw, path, _OUTLIER_KEYS)
+    d = OutlierConfig()
     if o is None:
-        return OutlierConfig()
+        return d
     return OutlierConfig(
-        consecutive_failures=r.get(o, "consecutive_failures", path, _int(1), 5),
-        base_ejection=r.get(o, "base_ejection", path, _positive_duration, 10.0),
-        max_ejection=r.get(o, "max_ejection", path, _positive_duration, 300.0),
-        max_ejected_fraction=r.get(o, "max_ejected_fraction", path, _fraction, 0.5),
+        consecutive_failures=r.get(o, "consecutive_failures", path, _int(1),
+                                   d.consecutive_failures),
+        base_ejection=r.get(o, "base_ejection", path, _positive_duration, d.base_ejection),
+        max_ejection=r.get(o, "max_ejection", path, _positive_duration, d.max_ejection),
+        max_ejected_fraction=r.get(o, "max_ejected_fraction", path, _fraction,
+                                   d.max_ejected_fraction),
     )
 
 
 def _timeouts(r: _Reader, raw: Any, path: str) -> TimeoutsConfig:
     t = r.mapping(raw, path, _TIMEOUT_KEYS)
+    d = TimeoutsConfig()
     if t is None:
-        return TimeoutsConfig()
+        return d
     return TimeoutsConfig(
-        connect=r.get(t, "connect", path, _positive_duration, 2.0),
-        read=r.get(t, "read", path, _positive_duration, 30.0),
+        connect=r.get(t, "connect", path, _positive_duration, d.connect),
+        read=r.get(t, "read", path, _positive_duration, d.read),
     )
 
 
@@ -823,12 +925,15 @@ def _routes(r: _Reader, raw: Any, pools: Mapping[str, PoolConfig]) -> tuple[Rout
         if pool not in pools:
             known = ", ".join(sorted(pools)) or "none"
             r.problem(f"{path}.pool", f"no pool named {pool!r} (pools: {known})")
-        host = r.get(m, "host", path, _host_pattern, None)
-        prefix = r.get(m, "path_prefix", path, _text, "/")
+        host = r.get(m, "host", path, _host_pattern, _ROUTE_DEFAULTS["host"])
+        prefix = r.get(m, "path_prefix", path, _text, _ROUTE_DEFAULTS["path_prefix"])
         if not prefix.startswith("/"):
             r.problem(f"{path}.path_prefix", f"must start with '/', got {prefix!r}")
         out.append(RouteConfig(pool=pool, host=host, path_prefix=prefix))
     return tuple(out)
+
+
+_ROUTE_DEFAULTS = defaults(RouteConfig)
 
 
 def _host_pattern(v: Any) -> str:

@@ -12,7 +12,6 @@ Used by ``balancer check`` and, before a config goes live, by ``run`` and every 
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 import random
 import socket
@@ -22,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from balancer.backend import Backend
-from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig
+from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig, numeric_ip
 from balancer.pool import NoBackend, Pool
 from balancer.strategies import PickContext, resolve_strategy
 
@@ -73,6 +72,9 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
         routes = reached.get(name, [])
         if not routes:
             report.warnings.append(f"{where}: no route reaches this pool; it gets no traffic")
+        hint = _hash_key_hint(pool, routes)
+        if hint is not None:
+            report.warnings.append(f"{where}: {hint}")
         servers, unresolved = _servers(pool.backends, addresses, resolve)
         report.warnings.extend(
             f"{where}: backend {b.name}: host {b.host!r} does not resolve here; "
@@ -178,8 +180,7 @@ def _fixed_hash_key(pool: PoolConfig, routes: Sequence[RouteConfig],
     if key is None:
         return []
     kind, name = key
-    if not (kind == "header" and name.lower() == "host" and routes
-            and all(r.host and not r.host.startswith("*.") for r in routes)):
+    if not (kind == "header" and name.lower() == "host" and _hosts_pinned(routes)):
         return []
     hosts = sorted({r.host or "" for r in routes})
     spread = ("every request hashes alike" if len(hosts) == 1
@@ -188,6 +189,35 @@ def _fixed_hash_key(pool: PoolConfig, routes: Sequence[RouteConfig],
     return [(f"consistent_hash key header:{name} only takes the values the routes to this pool "
             f"pin ({', '.join(hosts)}), so {spread}; {top} would receive {pct(shares[top])} "
             f"of traffic")]
+
+
+def _hosts_pinned(routes: Sequence[RouteConfig]) -> bool:
+    """Every route to the pool names one exact host: its requests carry only those."""
+    return bool(routes) and all(r.host and not r.host.startswith("*.") for r in routes)
+
+
+def _hash_key_hint(pool: PoolConfig, routes: Sequence[RouteConfig]) -> str | None:
+    """What simulated traffic cannot show about a hash key: how real requests carry it."""
+    key = _hash_key(pool)
+    if key is None:
+        return None
+    kind, name = key
+    written = str(pool.strategy.options.get("key", "client_ip")).strip()  # as the config has it
+    see = "see how real traffic splits with balancer check --replay LOG"
+    if not pool.strategy.options.get("balance_factor"):
+        see = f"balance_factor (e.g. 1.25) bounds any one backend's load; {see}"
+    if kind == "client_ip":
+        return (f"consistent_hash key client_ip: clients behind one NAT or proxy (or a CDN "
+                f"edge) share an address, and so one backend; {see}")
+    if kind == "path":
+        return (f"consistent_hash key path: requests for one path share one backend, so a site "
+                f"where most requests are for / sends most of them to one; {see}")
+    if name.lower() == "host":  # pinned by the routes: refused by _fixed_hash_key instead
+        return None if _hosts_pinned(routes) else (
+            f"consistent_hash key {written}: a site served under one name sends every "
+            f"request to one backend; {see}")
+    return (f"consistent_hash key {written}: requests without it fall back to the client "
+            f"address, and clients behind one NAT or proxy share one backend; {see}")
 
 
 def _hash_key(pool: PoolConfig) -> tuple[str, str] | None:
@@ -223,14 +253,18 @@ def _parse_key(cls: type, raw: object) -> tuple[str, str] | None:
 _Identity = tuple[str, frozenset[str], int]
 
 
+#: What a connection to the unspecified address reaches on Linux: this machine's loopback.
+_UNSPECIFIED_REACHES = {4: "127.0.0.1", 6: "::1"}
+
+
 def _normal_ip(text: str) -> str | None:
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
+    """One spelling per address (``127.1``, ``::ffff:127.0.0.1`` → ``127.0.0.1``), None for a
+    name. The config refuses ``0.0.0.0`` as a backend, but a name may resolve to it: it is
+    compared as the loopback it reaches, so the duplicate rule sees it."""
+    ip = numeric_ip(text)
+    if ip is None:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.compressed
+    return _UNSPECIFIED_REACHES[ip.version] if ip.is_unspecified else ip.compressed
 
 
 def _resolve(hosts: Iterable[str]) -> dict[str, frozenset[str] | None]:
@@ -492,8 +526,13 @@ def format_shares(report: GuardReport) -> str:
     return "\n".join(lines)
 
 
+#: Under a share diff that marks any row: what the mark means.
+DIFF_LEGEND = "* share changed"
+
+
 def format_diff(old: GuardReport | None, new: GuardReport) -> str:
-    """Each backend's share before → after (``web1  33% → 100%``); added and removed shown."""
+    """Each backend's share before → after (``web1  33% → 100%  *``); added and removed
+    shown; under it, when any row is marked, the legend of the mark."""
     before = old.shares if old is not None else {}
     lines = []
     for pool in list(new.shares) + [p for p in before if p not in new.shares]:
@@ -508,4 +547,6 @@ def format_diff(old: GuardReport | None, new: GuardReport) -> str:
             right = _whole(b[name]) if name in b else "removed"
             mark = "" if left == right else "  *"
             lines.append(f"  {name:<{width}}  {left:>4} → {right}{mark}")
+    if any(line.endswith("  *") for line in lines):
+        lines.append(DIFF_LEGEND)
     return "\n".join(lines)

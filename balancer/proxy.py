@@ -51,6 +51,7 @@ from httptools import (
     HttpRequestParser,
 )
 
+from balancer.config import ClientConfig, Config, defaults
 from balancer.exchange import (
     P_BUFFER,
     P_UPSTREAM,
@@ -108,22 +109,28 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-
 _GOOD_HOSTS: set[bytes] = set()
 
 
+_CLIENT = ClientConfig()
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     """Request-path settings, built once per config by the app."""
 
-    access_log: bool = True  # one JSON line per request to the "balancer.access" logger
+    # Defaults are the config's (balancer/config.py), written there only.
+    access_log: bool = defaults(Config)["access_log"]  # a JSON line per request (balancer.access)
     server_name: str = "balancer"  # for Via
-    max_body_size: int | None = None  # request bodies above this get 413 (None: no limit)
-    max_url_size: int = 8 * 1024  # longer request targets get 414
-    max_header_size: int = 32 * 1024  # larger request heads get 431
-    max_headers: int = 100  # more header fields get 431
+    max_body_size: int | None = _CLIENT.max_body_size  # larger bodies get 413 (None: no limit)
+    max_url_size: int = _CLIENT.max_url_size  # longer request targets get 414
+    max_header_size: int = _CLIENT.max_header_size  # larger request heads get 431
+    max_headers: int = _CLIENT.max_headers  # more header fields get 431
     # Slow and idle clients (slowclients.py), in seconds.
-    header_timeout: float = 10.0  # a whole request head
-    body_timeout: float = 60.0  # between two reads of a request body
-    keepalive_timeout: float = 75.0  # idle between requests
-    send_timeout: float = 60.0  # an answer the client does not read
-    max_clients: int | None = None  # concurrent client connections (None: no limit)
+    header_timeout: float = _CLIENT.header_timeout  # a whole request head
+    body_timeout: float = _CLIENT.body_timeout  # between two reads of a request body
+    keepalive_timeout: float = _CLIENT.keepalive_timeout  # idle between requests
+    send_timeout: float = _CLIENT.send_timeout  # an answer the client does not read
+    # Concurrent client connections. None: no limit here (the app passes the config's value,
+    # or half the open-files limit when the config leaves it unset).
+    max_clients: int | None = None
 
     # Pre-built header lines (derived from the fields above).
     via_request: bytes = field(init=False, repr=False, compare=False)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.proc import run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "config" / "examples"
 
@@ -86,7 +88,11 @@ def test_shipped_config_is_accepted_with_shares_and_worst_failure() -> None:
     path = ROOT / "config" / "balancer.yaml"
     result = check("-c", str(path))
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    # The api pool hashes on a header: a warning only, that clients without it fall back.
+    assert result.stderr.splitlines() == [
+        (f"warning: {path}: pools.api: consistent_hash key header:X-User-ID: requests without it "
+         "fall back to the client address, and clients behind one NAT or proxy share one "
+         "backend; see how real traffic splits with balancer check --replay LOG")]
     out = result.stdout.splitlines()
     assert out[0] == f"{path}: accepted"
     assert "pool web" in out and "pool api" in out
@@ -133,10 +139,21 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert line.startswith(f"{path}: line ") and "invalid YAML" in line
 
 
-def test_missing_file_exits_1(tmp_path: Path) -> None:
-    result = check("-c", str(tmp_path / "nope.yaml"))
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    # A file that cannot be read is no verdict on a config: exit 2, like a usage error.
+    missing = tmp_path / "nope.yaml"
+    result = check("-c", str(missing))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{missing}: cannot read: No such file or directory"]
+
+
+def test_a_file_that_is_not_utf8_is_invalid_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"pools:\n  web: {backends: [http://caf\xe9:9001]}\n")
+    result = check("-c", str(path))
     assert result.returncode == 1
-    assert "cannot read" in result.stderr
+    assert result.stderr.splitlines() == [
+        f"{path}: line 2, column 30: not UTF-8 text (byte 0xe9)"]
 
 
 @pytest.mark.parametrize("args", [[], ["-c"], ["-c", "x.yaml", "--bogus"], ["--against", "x"]])
@@ -159,6 +176,7 @@ def test_against_shows_each_backend_before_and_after_even_when_refused(tmp_path:
     assert "  web1   33% → 100%  *" in out
     assert "  web2   33% → removed  *" in out
     assert "  web3   33% → removed  *" in out
+    assert out[out.index("  web3   33% → removed  *") + 1] == "* share changed"
 
 
 def test_against_an_accepted_change(tmp_path: Path) -> None:
@@ -173,13 +191,69 @@ def test_against_an_accepted_change(tmp_path: Path) -> None:
     assert any(line.startswith("  pool web: if web") for line in out)
 
 
-def test_against_an_old_config_that_no_longer_loads(tmp_path: Path) -> None:
+def test_against_an_old_config_that_is_invalid_exits_1(tmp_path: Path) -> None:
+    # A review step that compares with nothing must not pass (issue 9).
     old = write(tmp_path / "old.yaml", {"pools": {"web": {"backend": []}}})
     new = write(tmp_path / "new.yaml", web(9001, 9002))
-    result = check("-c", str(new), "--against", str(old))
-    assert result.returncode == 0  # the verdict is about the new config
-    assert result.stderr.startswith(f"warning: --against: {old}: pools.web.backend: unknown key")
-    assert "  web1   new → 50%  *" in result.stdout.splitlines()
+    result = run_cli("check", "-c", str(new), "--against", str(old))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"--against: {old}: pools.web.backend: unknown key (did you mean 'backends'?)",
+        f"--against: {old}: pools.web.backends: is required: a list of backends"]
+    out = result.stdout.splitlines()
+    assert out[:2] == [f"{new}: accepted",
+                       f"--against {old}: invalid (2 problems); nothing to compare with"]
+    assert "  web1   50%" in out  # the new config's shares, alone
+    assert "→" not in result.stdout
+
+
+def test_against_an_old_file_that_is_not_yaml_exits_1(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("pools: [\n")
+    new = write(tmp_path / "new.yaml", web(9001, 9002))
+    result = run_cli("check", "-c", str(new), "--against", str(old))
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"--against: {old}: line ") and "invalid YAML" in line
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_against_a_file_that_cannot_be_read_exits_2(tmp_path: Path, kind: str) -> None:
+    old = tmp_path / "old.yaml"
+    why = "No such file or directory"
+    if kind == "directory":
+        old.mkdir()
+        why = "Is a directory"
+    new = write(tmp_path / "new.yaml", web(9001, 9002))
+    result = run_cli("check", "-c", str(new), "--against", str(old))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"--against: {old}: cannot read: {why}"]
+    assert result.stdout == ""
+
+
+def test_against_invalid_with_a_refused_new_config_says_both(tmp_path: Path) -> None:
+    old = write(tmp_path / "old.yaml", web(9001, retries=-1))
+    new = write(tmp_path / "new.yaml", web(9001))
+    result = run_cli("check", "-c", str(new), "--against", str(old))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert f"--against: {old}: pools.web.retries: must be >= 0, got -1" in lines
+    assert any(line.startswith(f"{new}: pools.web: backend web1 would receive 100%")
+               for line in lines)
+
+
+def test_wildcard_and_loopback_backends_are_refused(tmp_path: Path) -> None:
+    # The issue's example: one socket on Linux, once accepted at 50/50.
+    path = write(tmp_path / "twin.yaml", {"pools": {"web": {"backends": [
+        {"name": "web1", "url": "http://0.0.0.0:9001"},
+        {"name": "web2", "url": "http://127.0.0.1:9001"}]}}})
+    result = check("-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        (f"{path}: pools.web.backends[0].url: 0.0.0.0 is not an address to connect to (on Linux "
+         "it reaches this machine's loopback): write 127.0.0.1 for this machine, or the "
+         "backend's own address")]
+    assert result.stdout == f"{path}: invalid (1 problem)\n"
 
 
 def test_plugin_next_to_the_config_is_found_from_any_directory(tmp_path: Path) -> None:
@@ -205,3 +279,13 @@ def test_same_config_same_numbers_in_every_process(tmp_path: Path) -> None:
         assert result.returncode == 0
         outputs.add(result.stdout)
     assert len(outputs) == 1
+
+
+def test_help_lists_the_exit_codes_and_the_diff_mark() -> None:
+    result = run_cli("check", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for said in ("exit codes:", "0 the config would load", "1 refused by the guard or invalid",
+                 "2 a usage error, or a file (FILE or OLD) that cannot be read",
+                 '"*" marks a backend whose share changed'):
+        assert said in text, result.stdout

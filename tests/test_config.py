@@ -9,6 +9,7 @@ import pytest
 
 from balancer.config import (
     Address,
+    Config,
     ConfigError,
     load_config,
     parse_address,
@@ -92,6 +93,38 @@ def test_bad_addresses_say_why(bad: object, why: str) -> None:
         parse_address(bad)
 
 
+@pytest.mark.parametrize(("listen", "admin"), [
+    ("127.0.0.1:8080", "127.0.0.1:8080"),
+    ("0.0.0.0:8080", "127.0.0.1:8080"),     # the wildcard covers the admin's address
+    ("0.0.0.0:8080", 8080),                 # a bare admin port is 127.0.0.1:port
+    ("127.0.0.1:8080", "0.0.0.0:8080"),
+    ("[::]:8080", "127.0.0.1:8080"),        # :: is dual-stack: it covers IPv4 too
+    ("[::1]:8080", "[0:0::1]:8080"),
+    ("127.1:8080", "127.0.0.1:8080"),
+    ("0.0.0.0:8080", "localhost:8080"),
+    ("localhost:8080", "LOCALHOST:8080"),
+])
+def test_listen_and_admin_on_one_socket_are_refused_naming_both(listen: object,
+                                                                admin: object) -> None:
+    # It passed `check` and failed at `run` (issue 9): now the config check says so.
+    found = problems({"listen": listen, "admin": admin, **pool("http://127.0.0.1:9001")})
+    a, l_ = parse_address(admin, "127.0.0.1"), parse_address(listen)
+    assert found == [f"admin: {a} is where listen ({l_}) accepts clients: one port cannot serve "
+                     f"both; give admin a port of its own"]
+
+
+@pytest.mark.parametrize(("listen", "admin"), [
+    ("127.0.0.1:8080", "127.0.0.1:9100"),   # other ports
+    ("127.0.0.1:0", "127.0.0.1:0"),         # 0: each gets a port of its own
+    ("127.0.0.1:8080", "127.0.0.2:8080"),   # other addresses
+    ("0.0.0.0:8080", "[::1]:8080"),         # the IPv4 wildcard does not cover IPv6
+    ("localhost:8080", "127.0.0.2:8080"),
+])
+def test_listen_and_admin_that_can_both_bind_are_accepted(listen: object, admin: object) -> None:
+    c = parse_config({"listen": listen, "admin": admin, **pool("http://127.0.0.1:9001")})
+    assert c.admin == parse_address(admin, "127.0.0.1")
+
+
 def test_ipv6_address_prints_with_brackets() -> None:
     assert str(Address("::1", 9100)) == "[::1]:9100"
 
@@ -116,6 +149,32 @@ def test_bad_backend_urls_name_the_entry(url: str, why: str) -> None:
     assert len(found) == 1
     assert found[0].startswith("pools.web.backends[1].url: ")
     assert why in found[0]
+
+
+@pytest.mark.parametrize(("url", "host", "loopback"), [
+    ("http://0.0.0.0:9001", "0.0.0.0", "127.0.0.1"),
+    ("http://[::]:9001", "::", "::1"),
+    ("http://[0:0::0]:9001", "0:0::0", "::1"),
+    ("http://0:9001", "0", "127.0.0.1"),
+    ("http://0x0:9001", "0x0", "127.0.0.1"),
+    ("http://00.0.0.0:9001", "00.0.0.0", "127.0.0.1"),
+    ("http://[::ffff:0.0.0.0]:9001", "::ffff:0.0.0.0", "127.0.0.1"),
+    ("https://0.0.0.0", "0.0.0.0", "127.0.0.1"),
+])
+def test_unspecified_backend_address_is_refused_naming_the_key(url: str, host: str,
+                                                               loopback: str) -> None:
+    # On Linux a connection to 0.0.0.0 reaches this machine: beside 127.0.0.1:9001 it would
+    # be one server counted as two (issue 9).
+    found = problems(pool("http://127.0.0.1:9001", {"url": url}))
+    assert found == [(f"pools.web.backends[1].url: {host} is not an address to connect to (on "
+                      f"Linux it reaches this machine's loopback): write {loopback} for this "
+                      f"machine, or the backend's own address")]
+
+
+@pytest.mark.parametrize("url", ["http://127.1:9001", "http://[::1]:9001", "http://10.0.0.1",
+                                 "http://zero.example:9001", "http://0.0.0.1:9001"])
+def test_other_numeric_hosts_are_backend_addresses(url: str) -> None:
+    assert len(parse_config(pool("http://127.0.0.1:9002", url)).pools["web"].backends) == 2
 
 
 # --------------------------------------------------------------------------- unknown keys
@@ -195,6 +254,42 @@ def test_routes_are_required_with_several_pools() -> None:
 def test_one_pool_needs_no_routes() -> None:
     c = parse_config(pool("http://127.0.0.1:9001"))
     assert [(r.pool, r.host, r.path_prefix) for r in c.routes] == [("web", None, "/")]
+
+
+def test_keys_left_out_load_as_the_model_defaults() -> None:
+    # The model is the one place a default is written; the loader and ProxySettings read it.
+    from balancer.config import (
+        BackendConfig,
+        ClientConfig,
+        GuardConfig,
+        HealthCheckConfig,
+        OutlierConfig,
+        PoolConfig,
+        TimeoutsConfig,
+        defaults,
+    )
+    from balancer.proxy import ProxySettings
+
+    c = parse_config(pool("http://127.0.0.1:9001", health_check={}, outlier_detection={},
+                          timeouts={}, backend_tls={}))
+    top = defaults(Config)
+    assert (c.listen, c.admin, c.drain_timeout, c.admin_token, c.access_log) == (
+        top["listen"], top["admin"], top["drain_timeout"], top["admin_token"], top["access_log"])
+    assert (c.guard, c.client) == (GuardConfig(), ClientConfig())
+    web = c.pools["web"]
+    assert (web.health_check, web.outlier_detection, web.timeouts) == (
+        HealthCheckConfig(), OutlierConfig(), TimeoutsConfig())
+    for name, value in defaults(PoolConfig).items():
+        if name not in ("health_check",):  # health_check: {} turns probes on
+            assert getattr(web, name) == value, name
+    backend = web.backends[0]
+    for name, value in defaults(BackendConfig).items():
+        assert getattr(backend, name) == value, name
+    settings, client = ProxySettings(), ClientConfig()
+    for f in dataclasses.fields(ClientConfig):
+        if f.name != "max_clients":  # None means "half the open-files limit": the app decides
+            assert getattr(settings, f.name) == getattr(client, f.name), f.name
+    assert settings.access_log == top["access_log"]
 
 
 def test_parsed_config_is_immutable() -> None:

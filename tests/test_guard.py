@@ -194,6 +194,9 @@ def test_without_resolving_names_are_compared_as_written() -> None:
     ("http://[::1]:9001", "http://[0:0:0:0:0:0:0:1]:9001", True),
     ("http://[::ffff:127.0.0.1]:9001", "http://127.0.0.1:9001", True),
     ("http://127.0.0.1:80", "http://127.0.0.1", True),
+    ("http://127.1:9001", "http://127.0.0.1:9001", True),
+    ("http://0x7f.1:9001", "http://127.0.0.1:9001", True),
+    ("http://[::ffff:7f00:1]:9001", "http://127.1:9001", True),
     ("http://127.0.0.1:9001", "http://127.0.0.1:9002", False),
     ("http://127.0.0.1:443", "https://127.0.0.1:443", False),
 ])
@@ -201,6 +204,30 @@ def test_addresses_are_normalised_before_comparing(a: str, b: str, same: bool) -
     report = check(config([{"name": "x", "url": a}, {"name": "y", "url": b}]))
     dup = [e for e in report.errors if "are the same server" in e]
     assert bool(dup) is same, report.errors
+
+
+@pytest.mark.parametrize("resolve", [False, True])
+def test_loopback_written_another_way_is_the_same_server(resolve: bool) -> None:
+    # 127.1 is what the C resolver makes 127.0.0.1 of: compared as that, with or without DNS.
+    cfg = config([{"name": "web1", "url": "http://127.1:9001"},
+                  {"name": "web2", "url": "http://127.0.0.1:9001"}])
+    report = check(cfg, resolve=resolve)
+    assert ("pools.web: backends web1 and web2 are the same server (http://127.1:9001, "
+            "http://127.0.0.1:9001); together they would receive 100% of traffic"
+            ) in report.errors
+    assert not report.warnings
+
+
+@pytest.mark.parametrize(("address", "reaches"), [
+    ("0.0.0.0", "127.0.0.1"), ("::", "::1"), ("::ffff:0.0.0.0", "127.0.0.1"),
+    ("0", "127.0.0.1"), ("127.1", "127.0.0.1"), ("::ffff:127.0.0.1", "127.0.0.1"),
+    ("localhost", None),
+])
+def test_an_address_is_compared_as_what_a_connection_to_it_reaches(address: str,
+                                                                   reaches: str | None) -> None:
+    # The config refuses 0.0.0.0 as written; a name may still resolve to it (an /etc/hosts
+    # line, a DNS answer), and then it is the loopback it reaches.
+    assert guard._normal_ip(address) == reaches
 
 
 def test_three_entries_for_one_server_are_one_group() -> None:
@@ -459,7 +486,14 @@ def test_format_diff_shows_before_and_after() -> None:
         "  web1   33% → 100%  *",
         "  web2   33% → removed  *",
         "  web3   33% → removed  *",
+        "* share changed",
     ]
+
+
+def test_format_diff_without_a_change_has_no_legend() -> None:
+    report = check(config(backends(1, 1)))
+    assert format_diff(report, report).splitlines() == [
+        "pool web", "  web1   50% → 50%", "  web2   50% → 50%"]
 
 
 def test_format_diff_shows_added_backends_and_pools() -> None:
@@ -471,8 +505,9 @@ def test_format_diff_shows_added_backends_and_pools() -> None:
     lines = format_diff(old, new).splitlines()
     assert lines[:5] == ["pool web", "  web1   50% → 25%  *", "  web2   50% → 25%  *",
                          "  web3   new → 25%  *", "  web4   new → 25%  *"]
-    assert lines[5:] == ["pool api (new pool)", "  web1   new → 50%  *", "  web2   new → 50%  *"]
-    assert format_diff(new, old).splitlines()[-3] == "pool api (removed)"
+    assert lines[5:] == ["pool api (new pool)", "  web1   new → 50%  *", "  web2   new → 50%  *",
+                         "* share changed"]
+    assert format_diff(new, old).splitlines()[-4] == "pool api (removed)"
 
 
 def test_format_diff_without_an_old_report() -> None:
@@ -526,6 +561,45 @@ def test_hashing_on_what_varies_is_accepted(key: str) -> None:
     report = check(cfg)
     assert report.ok, report.errors
     assert all(abs(s - 1 / 3) < 0.03 for s in report.shares["api"].values())
+
+
+REPLAY = "see how real traffic splits with balancer check --replay LOG"
+BOUND = "balance_factor (e.g. 1.25) bounds any one backend's load; "
+
+
+@pytest.mark.parametrize(("key", "says"), [
+    ("header:X-Tenant", "consistent_hash key header:X-Tenant: requests without it fall back to "
+                        "the client address, and clients behind one NAT or proxy share one "
+                        "backend; "),
+    ("cookie:sid", "consistent_hash key cookie:sid: requests without it fall back to the client "
+                   "address, and clients behind one NAT or proxy share one backend; "),
+    ("path", "consistent_hash key path: requests for one path share one backend, so a site where "
+             "most requests are for / sends most of them to one; "),
+    ("header:Host", "consistent_hash key header:Host: a site served under one name sends every "
+                    "request to one backend; "),
+    ("client_ip", "consistent_hash key client_ip: clients behind one NAT or proxy (or a CDN "
+                  "edge) share an address, and so one backend; "),
+])
+def test_a_hash_key_gets_one_warning_pointing_to_replay(key: str, says: str) -> None:
+    # Simulated traffic always carries the key; real clients may not (issue 9): one line, a
+    # warning (the config is accepted), naming the pool.
+    report = check(hashed(key, [{"path_prefix": "/api", "pool": "api"}]))
+    assert report.ok, report.errors
+    assert report.warnings == [f"pools.api: {says}{BOUND}{REPLAY}"]
+
+
+def test_with_balance_factor_the_warning_only_points_to_replay() -> None:
+    cfg = parse_config({"pools": {"api": {
+        "strategy": {"name": "consistent_hash", "key": "client_ip", "balance_factor": 1.25},
+        "backends": backends(1, 1)}}})
+    [line] = check(cfg).warnings
+    assert line.endswith("share an address, and so one backend; " + REPLAY)
+
+
+def test_a_pinned_host_key_is_refused_without_the_warning() -> None:
+    report = check(hashed("header:Host", [{"host": "api.example.com", "pool": "api"}]))
+    assert not report.ok
+    assert report.warnings == []
 
 
 def test_the_stream_varies_the_header_or_cookie_a_hash_key_names() -> None:

@@ -128,3 +128,44 @@ async def test_start_line_names_pools_backends_and_admin(tmp_path: Path) -> None
             assert f"b{p} http://127.0.0.1:{p}" in line
         proc.send(signal.SIGINT)
         assert await proc.wait_exit() == 0
+
+
+def test_listen_equal_to_admin_is_refused_by_check_and_run_alike(tmp_path: Path) -> None:
+    # It used to pass `check` and fail only at `run`, with a bind error (issue 9).
+    port = free_port()
+    cfg = write_config(tmp_path / "same.yaml", {
+        "listen": f"0.0.0.0:{port}",
+        "admin": port,
+        "pools": {"web": pool_config([free_port(), free_port()])},
+    })
+    line = (f"{cfg}: admin: 127.0.0.1:{port} is where listen (0.0.0.0:{port}) accepts clients: "
+            "one port cannot serve both; give admin a port of its own")
+    for command in ("check", "run"):
+        result = run_cli(command, "-c", str(cfg))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines() == [line], result.stderr
+
+
+def test_run_help_says_how_to_reload_stop_and_set_the_log_level() -> None:
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for said in ("kill -HUP PID", "POST /reload", "admin address", "--watch", "SIGTERM",
+                 "drain_timeout (default 30s)", "BALANCER_LOG_LEVEL", "exit codes:"):
+        assert said in text, result.stdout
+
+
+def test_admin_port_in_use_names_the_admin_key_and_address(tmp_path: Path) -> None:
+    admin = free_port()
+    cfg = write_config(tmp_path / "ok.yaml", {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin": f"127.0.0.1:{admin}",
+        "pools": {"web": pool_config([free_port(), free_port()])},
+    })
+    with _listening_socket(admin):
+        run = run_cli("run", "-c", str(cfg))
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, run.stderr
+    assert errors[0].endswith(f"admin 127.0.0.1:{admin}: address already in use"), run.stderr
+    assert "Errno" not in run.stderr and "Traceback" not in run.stderr
