@@ -41,7 +41,8 @@ import re
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 from httptools import (
     HttpParserError,
@@ -51,6 +52,8 @@ from httptools import (
     HttpRequestParser,
 )
 
+from balancer.accesslog import KeyRecorder, digest_key
+from balancer.config import AccessLogConfig
 from balancer.exchange import (
     P_BUFFER,
     P_UPSTREAM,
@@ -112,7 +115,9 @@ _GOOD_HOSTS: set[bytes] = set()
 class ProxySettings:
     """Request-path settings, built once per config by the app."""
 
-    access_log: bool = True  # one JSON line per request to the "balancer.access" logger
+    # One JSON line per request to the "balancer.access" logger: a bool, or the config's
+    # AccessLogConfig, which also says what each pool's lines record (kept as a bool after init).
+    access_log: bool | AccessLogConfig = True
     server_name: str = "balancer"  # for Via
     max_body_size: int | None = None  # request bodies above this get 413 (None: no limit)
     max_url_size: int = 8 * 1024  # longer request targets get 414
@@ -129,8 +134,18 @@ class ProxySettings:
     via_request: bytes = field(init=False, repr=False, compare=False)
     via_request_10: bytes = field(init=False, repr=False, compare=False)
     via_response: bytes = field(init=False, repr=False, compare=False)
+    # Pool name → what its access lines record under "keys" (pools with nothing: absent).
+    access_keys: Mapping[str, KeyRecorder] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        log_config = self.access_log
+        keys: dict[str, KeyRecorder] = {}
+        if isinstance(log_config, AccessLogConfig):
+            secret = digest_key(log_config.digest_key)
+            keys = {pool: KeyRecorder(labels, secret)
+                    for pool, labels in log_config.pools.items()}
+        object.__setattr__(self, "access_log", bool(log_config))
+        object.__setattr__(self, "access_keys", MappingProxyType(keys))
         name = self.server_name.strip()
         if not name or not re.fullmatch(r"[!-~]+", name):
             raise ValueError(f"server_name must be one visible ASCII word, got {name!r}")
