@@ -18,7 +18,8 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from balancer.backend import Backend
@@ -382,47 +383,101 @@ def simulate(pool: PoolConfig, traffic: Sequence[PickContext], *, concurrency: i
     (connection counts, latency) see what live traffic would show them. ``down`` names a
     backend marked unhealthy, as a failed health check would.
     """
+    with simulating():
+        return _run(pool, traffic, concurrency, down, seed)
+
+
+@contextmanager
+def simulating() -> Iterator[None]:
+    """Simulated pools' log lines ("panic", "ejected") are dropped meanwhile, in this thread."""
     _simulating.active = True
     try:
-        return _run(pool, traffic, concurrency, down, seed)
+        yield
     finally:
         _simulating.active = False
 
 
+class Simulation:
+    """A real Pool over real Backends on a simulated clock (the guard's, and replay's).
+
+    A request is picked, ``start``-ed for a simulated hold, and reported back through
+    ``pool.finish`` with its latency when the clock reaches its end; ``counts`` is what each
+    backend took. The clock only moves forward, to the end of a held request or to ``advance``.
+    """
+
+    __slots__ = ("now", "backends", "pool", "counts", "held", "_seq", "_pick", "_begin")
+
+    def __init__(self, pool: PoolConfig, down: str | None = None, seed: int = SEED) -> None:
+        self.now = 0.0
+        self.backends = [Backend(b, pool.name, pool.max_connections) for b in pool.backends]
+        for b in self.backends:
+            b.healthy = b.name != down
+        self.pool = Pool(pool, self.backends, rng=random.Random(seed), clock=self.clock)
+        self.counts = dict.fromkeys(self.backends, 0)
+        self.held: list[tuple[float, int, Backend, float]] = []
+        self._seq = 0
+        self._pick, self._begin = self.pool.pick, self.pool.begin
+
+    def clock(self) -> float:
+        return self.now
+
+    def pick(self, ctx: PickContext) -> Backend | None:
+        """The backend ``ctx`` goes to; while every one is at max_connections, held requests
+        finish first (as ``acquire`` waits). None when nothing can take it."""
+        while True:
+            try:
+                return self._pick(ctx)
+            except NoBackend as exc:
+                if exc.reason != "overload" or not self.held:
+                    return None
+                self.finish_next()
+
+    def start(self, backend: Backend, hold: float, latency: float) -> None:
+        """``backend`` takes a request for ``hold`` seconds; ``latency`` is what finish hears."""
+        self._begin(backend)
+        self.counts[backend] += 1
+        self._seq += 1
+        heapq.heappush(self.held, (self.now + hold, self._seq, backend, latency))
+
+    def finish_next(self) -> None:
+        """The held request due first finishes; the clock moves to its end."""
+        self.now, _, b, latency = heapq.heappop(self.held)
+        self.pool.finish(b, status=200, latency=latency)
+
+    def advance(self, when: float) -> None:
+        """Move the clock to ``when``, finishing every request held until then."""
+        held = self.held
+        while held and held[0][0] <= when:
+            self.finish_next()
+        if when > self.now:
+            self.now = when
+
+    def shares(self) -> dict[str, float]:
+        """Backend name → its fraction of the requests started (0.0 for none)."""
+        served = sum(self.counts.values())
+        return {b.name: (n / served if served else 0.0) for b, n in self.counts.items()}
+
+
 def _run(pool: PoolConfig, traffic: Sequence[PickContext], concurrency: int,
          down: str | None, seed: int) -> dict[str, float]:
-    now = [0.0]
-    backends = [Backend(b, pool.name, pool.max_connections) for b in pool.backends]
-    for b in backends:
-        b.healthy = b.name != down
-    p = Pool(pool, backends, rng=random.Random(seed), clock=lambda: now[0])
+    sim = Simulation(pool, down, seed)
+    backends = sim.backends
     rng = random.Random(seed + concurrency)
-    counts = dict.fromkeys(backends, 0)
-    heap: list[tuple[float, int, Backend, float]] = []
     total, issued = len(traffic), 0
     phase = max(1, total // (len(backends) * ROTATIONS))
-    pick, begin, finish = p.pick, p.begin, p.finish
-    while True:
-        while issued < total and len(heap) < concurrency:
-            try:
-                b = pick(traffic[issued])
-            except NoBackend as exc:
-                if exc.reason == "overload" and heap:
-                    break  # wait for a slot, as acquire() would
-                issued += 1  # nobody can take it: not counted for anyone
-                continue
-            begin(b)
-            slow = backends[(issued // phase) % len(backends)] is b
-            latency = SERVICE_TIME * rng.uniform(0.5, 1.5) * (SLOWDOWN if slow else 1.0)
-            issued += 1
-            counts[b] += 1
-            heapq.heappush(heap, (now[0] + latency, issued, b, latency))
-        if not heap:
-            break
-        now[0], _, b, latency = heapq.heappop(heap)
-        finish(b, status=200, latency=latency)
-    served = sum(counts.values())
-    return {b.name: (counts[b] / served if served else 0.0) for b in backends}
+    pick, start, held = sim.pick, sim.start, sim.held
+    while issued < total:
+        if len(held) >= concurrency:
+            sim.finish_next()
+            continue
+        b = pick(traffic[issued])
+        issued += 1
+        if b is None:
+            continue  # nobody can take it: not counted for anyone
+        slow = backends[((issued - 1) // phase) % len(backends)] is b
+        latency = SERVICE_TIME * rng.uniform(0.5, 1.5) * (SLOWDOWN if slow else 1.0)
+        start(b, latency, latency)
+    return sim.shares()
 
 
 def _worst_pass(pool: PoolConfig, traffic: Sequence[PickContext],
