@@ -44,6 +44,21 @@ def main_check(config_path: str, against: str | None) -> int:
     return 0 if report.ok else 1
 
 
+def main_replay(config_path: str, logs: list[str], host: str | None,
+                against: str | None) -> int:
+    """``check`` as above, then ``--replay`` (balancer/replay.py): the worse exit code."""
+    from balancer.replay import run
+
+    code = main_check(config_path, against)
+    try:
+        new = expand(load_config(config_path))
+        old = expand(load_config(against)) if against else None
+    except ConfigError:
+        return max(code, 1)  # main_check said why
+    return max(code, run(new, logs, host=host, old=old, new_name=config_path,
+                         old_name=against or "", out=sys.stdout, err=sys.stderr))
+
+
 def _old_report(path: str, err: TextIO) -> GuardReport | None:
     """The deployed config's shares; if it no longer loads, say so and compare with nothing."""
     try:
