@@ -27,6 +27,7 @@ __all__ = ["LogReader", "ReplayError", "Request"]
 
 #: nginx's ``log_format combined``: $remote_addr - $remote_user [$time_local] "$request"
 #: $status $body_bytes_sent "$http_referer" "$http_user_agent"
+_decode = json.JSONDecoder().decode
 _COMBINED = re.compile(r'(\S+) \S+ \S+ \[([^\]]+)\] "(\S+) (\S+)[^"]*" \d{3} ').match
 
 
@@ -96,30 +97,33 @@ class LogReader:
 
     def _json(self, line: str) -> Request | None:
         try:
-            d: Any = json.loads(line)
+            d: Any = _decode(line)
             client, path, when = d["client"], d["path"], self._iso(d["time"])
         except (ValueError, KeyError, TypeError, IndexError):
             return None
-        if not isinstance(client, str) or not isinstance(path, str):
+        if type(client) is not str or type(path) is not str:
             return None
         hold = d.get("total_time")
+        if type(hold) is not float or hold < 0:  # written as 0.000123: always a float
+            hold = None
         latency = d.get("upstream_time")
-        hold = hold if isinstance(hold, (int, float)) and hold >= 0 else None
-        latency = latency if isinstance(latency, (int, float)) and latency >= 0 else hold
+        if type(latency) is not float or latency < 0:
+            latency = hold
         host = d.get("host")
-        if isinstance(host, str) and host:
-            self.hosts = True
-        else:
+        if type(host) is not str or not host:
             host = None
+        elif not self.hosts:
+            self.hosts = True
         keys = d.get("keys")
-        if isinstance(keys, dict):
-            self.labels.update(keys)
-        else:
-            keys = None
+        if keys is not None:
+            if type(keys) is dict:
+                self.labels.update(keys)
+            else:
+                keys = None
         self.json += 1
         method = d.get("method")
-        return Request(when, client, method if isinstance(method, str) else "GET", host,
-                       path, hold, latency, keys)
+        return Request(when, client, method if type(method) is str else "GET", host, path,
+                       hold, latency, keys)
 
     def _combined(self, line: str) -> Request | None:
         m = _COMBINED(line)
