@@ -39,9 +39,14 @@ class _Context(PickContext):
 
     __slots__ = ()
 
-    def __init__(self, client_ip: str, path: str, method: str, headers: dict[str, str]) -> None:
-        super().__init__(client_ip, path, method)
+    def __init__(self, client_ip: str, path: str, method: str,  # noqa: D107
+                 headers: dict[str, str]) -> None:  # no super(): one call less per line
+        self.client_ip = client_ip
+        self.path = path
+        self.method = method
+        self._raw = ()
         self._headers = headers
+        self._cookies = None
 
 
 class Replayer:
@@ -88,6 +93,7 @@ def replay(configs: Sequence[Config], logs: Sequence[str], host: str | None,
     cannot be read. ``host``: the host of requests whose line has none (nginx's format)."""
     replayers = [Replayer(c) for c in configs]
     default = host_without_port(host.strip().lower().encode("ascii", "replace")) if host else b""
+    context = _Contexts(default)
     feeds = [r.feed for r in replayers]
     clock = 0.0
     with simulating():
@@ -99,7 +105,7 @@ def replay(configs: Sequence[Config], logs: Sequence[str], host: str | None,
                 if offset is None:  # each log starts where the one before ended
                     offset = clock - start
                 clock = max(clock, start + offset)
-                ctx, host_b, path_b = _context(req, default)
+                ctx, host_b, path_b = context(req)
                 held = hold if hold is not None else 0.0
                 latency = req.latency if req.latency is not None else SERVICE_TIME
                 for feed in feeds:
@@ -107,28 +113,48 @@ def replay(configs: Sequence[Config], logs: Sequence[str], host: str | None,
     return replayers
 
 
-def _context(req: Request, default_host: bytes) -> tuple[PickContext, bytes, bytes]:
-    """What a strategy sees of ``req`` (the digests stand for header and cookie values), and
-    the host and path the router matches."""
-    host = req.host.encode("latin-1", "replace") if req.host is not None else default_host
-    headers: dict[str, str] = {"host": host.decode("latin-1")} if host else {}
-    keys = req.keys
-    if keys:
-        cookies = []
-        for label, value in keys.items():
-            if isinstance(value, str):
-                kind, _, name = label.partition(":")
-                if kind == "header":
-                    headers[name] = value
-                elif kind == "cookie":
-                    cookies.append(f"{name}={value}")
-        if cookies:
-            headers["cookie"] = "; ".join(cookies)
-    path = req.path
-    if path[:1] != "/":  # absolute form, as the proxy routes it: the authority is the host
-        path = "/" + path.partition("://")[2].partition("/")[2]
-    return (_Context(req.client, path, req.method, headers), host,
-            path.encode("latin-1", "replace"))
+class _Contexts:
+    """Makes what a strategy sees of a request (the digests stand for header and cookie
+    values), and the host and path the router matches; labels and hosts parsed once each."""
+
+    def __init__(self, default_host: bytes) -> None:
+        self.default = default_host
+        self.default_text = default_host.decode("latin-1")
+        self._hosts: dict[str, bytes] = {}
+        self._labels: dict[str, tuple[str, str]] = {}
+
+    def __call__(self, req: Request) -> tuple[PickContext, bytes, bytes]:
+        text = req.host
+        if text is None:
+            host, text = self.default, self.default_text
+        else:
+            cached = self._hosts.get(text)
+            if cached is None:
+                if len(self._hosts) > 10_000:
+                    self._hosts.clear()
+                cached = self._hosts[text] = text.encode("latin-1", "replace")
+            host = cached
+        headers: dict[str, str] = {"host": text} if text else {}
+        keys = req.keys
+        if keys:
+            cookies = []
+            for label, value in keys.items():
+                if type(value) is str:
+                    parsed = self._labels.get(label)
+                    if parsed is None:
+                        kind, _, name = label.partition(":")
+                        parsed = self._labels[label] = (kind, name)
+                    if parsed[0] == "header":
+                        headers[parsed[1]] = value
+                    elif parsed[0] == "cookie":
+                        cookies.append(f"{parsed[1]}={value}")
+            if cookies:
+                headers["cookie"] = "; ".join(cookies)
+        path = req.path
+        if path[:1] != "/":  # absolute form, as the proxy routes it: the authority is the host
+            path = "/" + path.partition("://")[2].partition("/")[2]
+        return (_Context(req.client, path, req.method, headers), host,
+                path.encode("latin-1", "replace"))
 
 
 # --------------------------------------------------------------------------- the verdict
