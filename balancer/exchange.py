@@ -733,8 +733,8 @@ class Exchange:
     def _log(self) -> None:
         pool = self.pool
         keys = ""
-        recorders = self.settings.access_keys  # empty unless a pool records hashed inputs
-        if recorders and pool is not None and self.ctx is not None:
+        recorders = self.settings.access_keys  # None unless a pool records hashed inputs
+        if recorders is not None and pool is not None and self.ctx is not None:
             recorder = recorders.get(pool.name)
             if recorder is not None:
                 keys = recorder(self.ctx)

@@ -134,8 +134,10 @@ class ProxySettings:
     via_request: bytes = field(init=False, repr=False, compare=False)
     via_request_10: bytes = field(init=False, repr=False, compare=False)
     via_response: bytes = field(init=False, repr=False, compare=False)
-    # Pool name → what its access lines record under "keys" (pools with nothing: absent).
-    access_keys: Mapping[str, KeyRecorder] = field(init=False, repr=False, compare=False)
+    # Pool name → what its access lines record under "keys" (pools with nothing: absent);
+    # None when no pool records anything, so the request path pays one ``is None``.
+    access_keys: Mapping[str, KeyRecorder] | None = field(init=False, repr=False,
+                                                          compare=False)
 
     def __post_init__(self) -> None:
         log_config = self.access_log
@@ -145,7 +147,7 @@ class ProxySettings:
             keys = {pool: KeyRecorder(labels, secret)
                     for pool, labels in log_config.pools.items()}
         object.__setattr__(self, "access_log", bool(log_config))
-        object.__setattr__(self, "access_keys", MappingProxyType(keys))
+        object.__setattr__(self, "access_keys", MappingProxyType(keys) if keys else None)
         name = self.server_name.strip()
         if not name or not re.fullmatch(r"[!-~]+", name):
             raise ValueError(f"server_name must be one visible ASCII word, got {name!r}")
