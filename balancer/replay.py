@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from balancer.config import Config
-from balancer.guard import SERVICE_TIME, TOLERANCE, Simulation, pct, simulating
+from balancer.guard import SERVICE_TIME, TOLERANCE, pct
 from balancer.pool import Pool
 from balancer.replaylog import LogReader, ReplayError, Request
 from balancer.router import Router, host_without_port
+from balancer.simulation import Simulation, simulating
 from balancer.strategies import PickContext
 from balancer.strategies.consistent_hash import ConsistentHash
 
