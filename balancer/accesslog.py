@@ -6,6 +6,13 @@ per second, and the record is handed straight to the logger's handlers. ``Logger
 walk the stack to find the caller's file and line and fill a full ``LogRecord`` (most of the
 ~9 µs it costs); an access record's source is always this module, so those fields are constants.
 The proxy asks ``enabled()`` first, so a disabled log costs one check.
+
+What ``balancer check --replay`` needs (balancer/replay.py) is in the line too: the request's
+``host`` as the router matched it, and under ``keys`` the inputs a ``consistent_hash`` key of
+the serving pool (and ``access_log.record``) names, each as a keyed 8-byte blake2b digest: equal
+values give equal digests, raw values (user ids, session cookies) never reach the log.
+Which inputs a pool records, and the digest key, are fixed when the config loads
+(``KeyRecorder``); a pool with nothing to record adds nothing to its lines.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ import logging
 import os
 import threading
 import time
-from typing import TextIO
+from collections.abc import Sequence
+from hashlib import blake2b
+from typing import Protocol, TextIO
 
-__all__ = ["LOGGER", "AccessLogHandler", "enabled", "write"]
+__all__ = ["LOGGER", "PROCESS_KEY", "AccessLogHandler", "KeyRecorder", "digest", "digest_key",
+           "enabled", "write"]
 
 LOGGER = logging.getLogger("balancer.access")
 _INFO = logging.INFO
@@ -103,19 +113,98 @@ def _method(value: bytes) -> str:
 _methods: dict[bytes, str] = {}
 
 
+def _host(value: bytes) -> str:
+    """A routed host (lower-case, no port) as JSON; the same few hosts come again and again."""
+    quoted = _hosts.get(value)
+    if quoted is None:
+        quoted = _text(value) if value else "null"
+        if len(_hosts) < 4096:
+            _hosts[value] = quoted
+    return quoted
+
+
+_hosts: dict[bytes, str] = {b"": "null"}
+
+
+# --------------------------------------------------------------------------- hashed keys
+
+#: The digest key when the config sets no ``access_log.digest_key``: random per process, so
+#: digests compare within one process's lifetime only (not across restarts or replicas).
+PROCESS_KEY = os.urandom(32)
+
+
+def digest_key(secret: str | None) -> bytes:
+    """The blake2b key for ``access_log.digest_key`` (any length), or ``PROCESS_KEY``."""
+    if secret is None:
+        return PROCESS_KEY
+    return blake2b(secret.encode("utf-8"), digest_size=32, person=b"balancer-log").digest()
+
+
+def digest(value: str, key: bytes) -> str:
+    """A value's 16-hex-digit keyed digest: stable for one key, unreadable without it."""
+    return blake2b(value.encode("latin-1", "replace"), digest_size=8, key=key).hexdigest()
+
+
+class KeyContext(Protocol):
+    """What a recorder reads a request's inputs from (strategies.PickContext)."""
+
+    def header(self, name: str) -> str | None: ...
+
+    def cookie(self, name: str) -> str | None: ...
+
+
+class KeyRecorder:
+    """The ``"keys"`` member for one pool's requests: built at load time from its labels
+    (``header:x-tenant``, ``cookie:sid``), it only looks up and digests at request time.
+    Digests of recent values are kept (bounded): a tenant or session comes back again and
+    again, and a dict lookup costs a tenth of a keyed blake2b."""
+
+    __slots__ = ("labels", "_fields", "_key", "_digests")
+
+    def __init__(self, labels: Sequence[str], key: bytes) -> None:
+        self.labels = tuple(labels)
+        self._key = key
+        # (header?, name, '"label":') per label, each label quoted once here.
+        self._fields = tuple((label.startswith("header:"), label.partition(":")[2],
+                              json.dumps(label) + ":") for label in self.labels)
+        self._digests: dict[str, str] = {}
+
+    def __call__(self, ctx: KeyContext) -> str:
+        """``,"keys":{...}`` for ``ctx``: a digest per input it carries, null per one it lacks."""
+        digests = self._digests
+        parts = []
+        for is_header, name, quoted in self._fields:
+            value = ctx.header(name) if is_header else ctx.cookie(name)
+            if value is None:
+                parts.append(quoted + "null")
+                continue
+            hashed = digests.get(value)
+            if hashed is None:
+                if len(digests) >= 4096:
+                    digests.clear()
+                hashed = digests[value] = '"' + digest(value, self._key) + '"'
+            parts.append(quoted + hashed)
+        return ',"keys":{' + ",".join(parts) + "}"
+
+    def __repr__(self) -> str:
+        return f"<KeyRecorder {', '.join(self.labels)}>"
+
+
 def write(request_id: bytes, client: str, method: bytes, target: bytes, pool: str | None,
           backend: str | None, status: int, upstream_time: float | None, total_time: float,
-          bytes_sent: int) -> None:
+          bytes_sent: int, host: bytes = b"", keys: str = "") -> None:
     """Log one finished request. Times in seconds; ``status`` 499: the client went away.
 
     ``request_id`` must be JSON-safe as it is (the proxy only keeps ids of ``[A-Za-z0-9._:+/=@-]``).
+    ``host``: as routed (b"": none); ``keys``: a ``KeyRecorder``'s fragment, or "".
     """
     now = time.time()
     line = (f'{{"time":"{_timestamp(now)}","request_id":"{request_id.decode("ascii")}",'
-            f'"client":"{client}","method":{_method(method)},"path":{_text(target)},'
+            f'"client":"{client}","method":{_method(method)},'
+            f'"host":{_hosts.get(host) or _host(host)},"path":{_text(target)},'
             f'"pool":{_name(pool)},"backend":{_name(backend)},"status":{status},'
             f'"upstream_time":{"null" if upstream_time is None else f"{upstream_time:.6f}"},'
-            f'"total_time":{total_time:.6f},"bytes":{bytes_sent}}}')
+            f'"total_time":{total_time:.6f},"bytes":{bytes_sent}{keys}}}')
     handlers = LOGGER.handlers
     if len(handlers) == 1:
         handler = handlers[0]

@@ -75,6 +75,21 @@ def _load_against(path: str) -> Config:
     return expand(load_config(path))
 
 
+def main_replay(config_path: str, logs: list[str], host: str | None,
+                against: str | None) -> int:
+    """``check`` as above, then ``--replay`` (balancer/replay.py): the worse exit code."""
+    from balancer.replay import run
+
+    code = main_check(config_path, against)
+    try:
+        new = expand(load_config(config_path))
+        old = expand(load_config(against)) if against else None
+    except ConfigError:
+        return max(code, 1)  # main_check said why
+    return max(code, run(new, logs, host=host, old=old, new_name=config_path,
+                         old_name=against or "", out=sys.stdout, err=sys.stderr))
+
+
 def _lines(stream: TextIO, source: str, problems: list[str], prefix: str = "") -> None:
     for p in problems:
         print(f"{prefix}{p}" if p.startswith(source) else f"{prefix}{source}: {p}", file=stream)

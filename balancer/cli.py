@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     check.add_argument("--against", metavar="OLD",
                        help="the config now deployed: print each backend's share before → after")
+    check.add_argument("--replay", action="append", metavar="LOG",
+                       help="replay a recorded log (balancer's JSON access log, or nginx combined)"
+                            " under the config; exit 1 if its shares break the guard's rules"
+                            " (repeatable)")
+    check.add_argument("--host", metavar="NAME",
+                       help="with --replay: the host of requests whose log line has none"
+                            " (nginx combined records no host)")
 
     demo = sub.add_parser("demo", help="run three demo backends behind the proxy, no setup needed")
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080; 0 = any)")
@@ -79,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "check":
-        from balancer.check import main_check
+        from balancer.check import main_check, main_replay
 
+        if args.replay:
+            return main_replay(args.config, args.replay, args.host, args.against)
         return main_check(args.config, args.against)
     if args.command == "run":
         from balancer.run import main_run

@@ -194,6 +194,26 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """``access_log:``, either ``true``/``false`` or ``{enabled, record, digest_key}``.
+
+    ``record``: inputs recorded (hashed) in every line besides each pool's ``consistent_hash``
+    key, as labels (``header:x-tenant``, ``cookie:sid``), so that ``check --replay`` can judge a
+    key planned for tomorrow on today's log. ``digest_key``: the secret the digests are keyed
+    with (None: a random one per process). ``pools``: pool → the labels its lines carry,
+    decided here at load time. False when disabled, so ``if config.access_log`` keeps working.
+    """
+
+    enabled: bool = True
+    record: tuple[str, ...] = ()
+    digest_key: str | None = field(default=None, repr=False)  # a secret: never printed
+    pools: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __bool__(self) -> bool:
+        return self.enabled
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     pools: Mapping[str, PoolConfig]
     routes: tuple[RouteConfig, ...]
@@ -205,7 +225,7 @@ class Config:
     #: When set, mutating admin endpoints need ``Authorization: Bearer <token>``.
     admin_token: str | None = None
     #: One JSON line per request on stderr (logger ``balancer.access``); false turns it off.
-    access_log: bool = True
+    access_log: AccessLogConfig = AccessLogConfig()
     #: Nameservers for ``discovery: dns`` backends; empty = the system's (/etc/resolv.conf).
     resolver: tuple[Address, ...] = ()
     #: Limits and timeouts for clients (``client:``).
@@ -460,6 +480,7 @@ _TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout", "ad
 _CLIENT_KEYS = {"header_timeout", "body_timeout", "keepalive_timeout", "send_timeout",
                 "max_clients", "max_body_size", "max_header_size", "max_url_size", "max_headers"}
 _TLS_KEYS = {"cert", "key"}
+_ACCESS_LOG_KEYS = {"enabled", "record", "digest_key"}
 _BACKEND_TLS_KEYS = {"ca", "verify", "server_name"}
 _GUARD_KEYS = {"max_share", "min_backends", "max_share_after_failure", "live_margin",
                "live_window", "live_min_requests", "probation"}
@@ -531,10 +552,10 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     admin = r.get(top, "admin", "", lambda v: parse_address(v, d["admin"].host), d["admin"])
     drain = r.get(top, "drain_timeout", "", parse_duration, d["drain_timeout"])
     admin_token = r.get(top, "admin_token", "", _text, d["admin_token"])
-    access_log = r.get(top, "access_log", "", _bool, True)
     resolver = _resolver(r, top.get("resolver"))
     guard = _guard(r, top.get("guard"))
     pools = _pools(r, top.get("pools"))
+    access_log = _access_log(r, top.get("access_log"), pools)
     routes = _routes(r, top.get("routes"), pools)
     client = _client(r, top.get("client"))
     tls = _tls(r, top.get("tls"))
@@ -562,6 +583,68 @@ def _overlap(a: Address, b: Address) -> bool:
     if x is None or y is None:  # a name: only the same name is known to clash
         return a.host.lower().rstrip(".") == b.host.lower().rstrip(".")
     return x == y
+
+
+def _access_log(r: _Reader, raw: Any, pools: Mapping[str, PoolConfig]) -> AccessLogConfig:
+    record: tuple[str, ...]
+    if raw is None or isinstance(raw, bool):
+        enabled, record, secret = raw is not False, (), None
+    elif isinstance(raw, dict):
+        a = r.mapping(raw, "access_log", _ACCESS_LOG_KEYS) or {}
+        enabled = r.get(a, "enabled", "access_log", _bool, True)
+        secret = r.get(a, "digest_key", "access_log", _text, None)
+        record = _record(r, a.get("record"))
+    else:
+        r.problem("access_log", f"must be true, false or a mapping (enabled, record, "
+                                f"digest_key), got {_kind(raw)}")
+        return AccessLogConfig()
+    labels = {name: _labels((*_hash_key(pool), *record)) for name, pool in pools.items()}
+    return AccessLogConfig(enabled, record, secret,
+                           MappingProxyType({n: ls for n, ls in labels.items() if ls}))
+
+
+def _record(r: _Reader, raw: Any) -> tuple[str, ...]:
+    """``access_log.record``: labels in the consistent_hash key forms, checked by its parser."""
+    from balancer.strategies.consistent_hash import ConsistentHash  # as _strategy does
+
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.problem("access_log.record", f"must be a list like [\"header:X-Tenant\", "
+                                       f"\"cookie:session\"], got {_kind(raw)}")
+        return ()
+    out = []
+    for i, item in enumerate(raw):
+        try:
+            kind, name = ConsistentHash.parse_key(item)
+        except (TypeError, ValueError) as exc:
+            r.problem(f"access_log.record[{i}]", str(exc))
+            continue
+        out.append(f"{kind}:{name}" if name is not None else kind)
+    return tuple(out)
+
+
+def _hash_key(pool: PoolConfig) -> tuple[str, ...]:
+    """The label of a pool's consistent_hash key (``header:x-tenant``), if it has one."""
+    from balancer.strategies import resolve_strategy
+    from balancer.strategies.consistent_hash import ConsistentHash
+
+    try:
+        cls = resolve_strategy(pool.strategy.name)
+        if not issubclass(cls, ConsistentHash):
+            return ()
+        kind, name = ConsistentHash.parse_key(pool.strategy.options.get("key", "client_ip"))
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return ()  # reported by _strategy
+    return (f"{kind}:{name}",) if name is not None else ()
+
+
+def _labels(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """What a line must carry: header and cookie inputs, once each. ``client_ip`` and ``path``
+    are in every line already, and ``header:host`` is the line's ``host``."""
+    return tuple(dict.fromkeys(label for label in labels
+                               if label.startswith(("header:", "cookie:"))
+                               and label != "header:host"))
 
 
 def _client(r: _Reader, raw: Any) -> ClientConfig:

@@ -731,12 +731,19 @@ class Exchange:
         conn.exchange_done(self)
 
     def _log(self) -> None:
+        pool = self.pool
+        keys = ""
+        recorders = self.settings.access_keys  # None unless a pool records hashed inputs
+        if recorders is not None and pool is not None and self.ctx is not None:
+            recorder = recorders.get(pool.name)
+            if recorder is not None:
+                keys = recorder(self.ctx)
         accesslog.write(
             self.rid or b"-", self.conn.client_ip, self.method, self.url,
-            self.pool.name if self.pool is not None else None, self.backend_name,
+            pool.name if pool is not None else None, self.backend_name,
             499 if self.client_gone and not self.committed else self.status,
             self.t_head - self.t_sent if self.t_head else None,
-            now() - self.t_start if self.t_start else 0.0, self.bytes_out)
+            now() - self.t_start if self.t_start else 0.0, self.bytes_out, self.host, keys)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.task = asyncio.get_running_loop().create_task(coro)

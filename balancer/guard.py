@@ -11,8 +11,6 @@ Used by ``balancer check`` and, before a config goes live, by ``run`` and every 
 
 from __future__ import annotations
 
-import heapq
-import logging
 import random
 import socket
 import threading
@@ -20,9 +18,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from balancer.backend import Backend
 from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig, numeric_ip
-from balancer.pool import NoBackend, Pool
+from balancer.simulation import SEED, Simulation, simulating
 from balancer.strategies import PickContext, resolve_strategy
 
 #: A share may exceed its limit by this much and still pass: a share equal to the limit (two
@@ -32,8 +29,6 @@ TOLERANCE = 0.02
 #: Requests per simulated pass, and how many overlap in the concurrent pass.
 REQUESTS = 6000
 CONCURRENCY = 16
-#: Seeds for the traffic stream and for the strategies' randomness: same config, same numbers.
-SEED = 20_261_127
 #: Mean service time (simulated seconds) and the slowdown of the one backend that is slow at a
 #: time; the slow one rotates so every backend is slow equally long and latency-aware strategies
 #: must both react and recover.
@@ -349,17 +344,6 @@ def _covers(a: RouteConfig, b: RouteConfig) -> bool:
 
 # --------------------------------------------------------------------------- simulation
 
-_simulating = threading.local()
-
-
-def _not_simulated(record: logging.LogRecord) -> bool:
-    """Drop the log lines of simulated pools ("panic", "ejected"): they are not real events.
-    Per thread, so a reload simulating in a worker thread never hides the live pools' lines."""
-    return not getattr(_simulating, "active", False)
-
-
-logging.getLogger("balancer.pool").addFilter(_not_simulated)
-
 _WORDS = ("home", "cart", "api", "search", "img", "user", "items", "login", "static", "feed")
 
 
@@ -416,47 +400,30 @@ def simulate(pool: PoolConfig, traffic: Sequence[PickContext], *, concurrency: i
     (connection counts, latency) see what live traffic would show them. ``down`` names a
     backend marked unhealthy, as a failed health check would.
     """
-    _simulating.active = True
-    try:
+    with simulating():
         return _run(pool, traffic, concurrency, down, seed)
-    finally:
-        _simulating.active = False
 
 
 def _run(pool: PoolConfig, traffic: Sequence[PickContext], concurrency: int,
          down: str | None, seed: int) -> dict[str, float]:
-    now = [0.0]
-    backends = [Backend(b, pool.name, pool.max_connections) for b in pool.backends]
-    for b in backends:
-        b.healthy = b.name != down
-    p = Pool(pool, backends, rng=random.Random(seed), clock=lambda: now[0])
+    sim = Simulation(pool, down, seed)
+    backends = sim.backends
     rng = random.Random(seed + concurrency)
-    counts = dict.fromkeys(backends, 0)
-    heap: list[tuple[float, int, Backend, float]] = []
     total, issued = len(traffic), 0
     phase = max(1, total // (len(backends) * ROTATIONS))
-    pick, begin, finish = p.pick, p.begin, p.finish
-    while True:
-        while issued < total and len(heap) < concurrency:
-            try:
-                b = pick(traffic[issued])
-            except NoBackend as exc:
-                if exc.reason == "overload" and heap:
-                    break  # wait for a slot, as acquire() would
-                issued += 1  # nobody can take it: not counted for anyone
-                continue
-            begin(b)
-            slow = backends[(issued // phase) % len(backends)] is b
-            latency = SERVICE_TIME * rng.uniform(0.5, 1.5) * (SLOWDOWN if slow else 1.0)
-            issued += 1
-            counts[b] += 1
-            heapq.heappush(heap, (now[0] + latency, issued, b, latency))
-        if not heap:
-            break
-        now[0], _, b, latency = heapq.heappop(heap)
-        finish(b, status=200, latency=latency)
-    served = sum(counts.values())
-    return {b.name: (counts[b] / served if served else 0.0) for b in backends}
+    pick, start, held = sim.pick, sim.start, sim.held
+    while issued < total:
+        if len(held) >= concurrency:
+            sim.finish_next()
+            continue
+        b = pick(traffic[issued])
+        issued += 1
+        if b is None:
+            continue  # nobody can take it: not counted for anyone
+        slow = backends[((issued - 1) // phase) % len(backends)] is b
+        latency = SERVICE_TIME * rng.uniform(0.5, 1.5) * (SLOWDOWN if slow else 1.0)
+        start(b, latency, latency)
+    return sim.shares()
 
 
 def _worst_pass(pool: PoolConfig, traffic: Sequence[PickContext],

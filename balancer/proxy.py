@@ -41,7 +41,8 @@ import re
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 from httptools import (
     HttpParserError,
@@ -51,7 +52,8 @@ from httptools import (
     HttpRequestParser,
 )
 
-from balancer.config import ClientConfig, Config, defaults
+from balancer.accesslog import KeyRecorder, digest_key
+from balancer.config import AccessLogConfig, ClientConfig
 from balancer.exchange import (
     P_BUFFER,
     P_UPSTREAM,
@@ -116,8 +118,9 @@ _CLIENT = ClientConfig()
 class ProxySettings:
     """Request-path settings, built once per config by the app."""
 
-    # Defaults are the config's (balancer/config.py), written there only.
-    access_log: bool = defaults(Config)["access_log"]  # a JSON line per request (balancer.access)
+    # One JSON line per request to the "balancer.access" logger: a bool, or the config's
+    # AccessLogConfig, which also says what each pool's lines record (kept as a bool after init).
+    access_log: bool | AccessLogConfig = True
     server_name: str = "balancer"  # for Via
     max_body_size: int | None = _CLIENT.max_body_size  # larger bodies get 413 (None: no limit)
     max_url_size: int = _CLIENT.max_url_size  # longer request targets get 414
@@ -136,8 +139,20 @@ class ProxySettings:
     via_request: bytes = field(init=False, repr=False, compare=False)
     via_request_10: bytes = field(init=False, repr=False, compare=False)
     via_response: bytes = field(init=False, repr=False, compare=False)
+    # Pool name → what its access lines record under "keys" (pools with nothing: absent);
+    # None when no pool records anything, so the request path pays one ``is None``.
+    access_keys: Mapping[str, KeyRecorder] | None = field(init=False, repr=False,
+                                                          compare=False)
 
     def __post_init__(self) -> None:
+        log_config = self.access_log
+        keys: dict[str, KeyRecorder] = {}
+        if isinstance(log_config, AccessLogConfig):
+            secret = digest_key(log_config.digest_key)
+            keys = {pool: KeyRecorder(labels, secret)
+                    for pool, labels in log_config.pools.items()}
+        object.__setattr__(self, "access_log", bool(log_config))
+        object.__setattr__(self, "access_keys", MappingProxyType(keys) if keys else None)
         name = self.server_name.strip()
         if not name or not re.fullmatch(r"[!-~]+", name):
             raise ValueError(f"server_name must be one visible ASCII word, got {name!r}")

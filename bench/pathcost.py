@@ -2,6 +2,8 @@
 
     python bench/pathcost.py                       # this checkout
     python bench/pathcost.py --src DIR [--src DIR]  # other checkouts' balancer/, interleaved
+    python bench/pathcost.py --case hashed          # consistent_hash on a header the access
+                                                    # log records (a keyed digest per line)
 
 A socket benchmark (run.py) on this shared 2-core VM moves by ±10–20% between rounds, more
 than most single changes to the request path are worth. This drives the real objects of
@@ -29,6 +31,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
+#: ``--case hashed``: the pool hashes on X-Tenant, so each access line records its digest.
+REQUEST_HASHED = REQUEST[:-2] + b"X-Tenant: acme\r\n\r\n"
+HASHED_STRATEGY = 'strategy: {name: consistent_hash, key: "header:X-Tenant"}'
 # What the nginx backend of run.py answers on "/".
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 19:00:00 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n")
@@ -76,7 +81,7 @@ class CountingTransport:
         return 0
 
 
-async def measure(config: str, requests: int, reps: int) -> float:
+async def measure(config: str, requests: int, reps: int, request: bytes = REQUEST) -> float:
     """CPU µs per request, best of ``reps`` batches (imports balancer from sys.path)."""
     from balancer import logs
     from balancer.app import App
@@ -101,7 +106,7 @@ async def measure(config: str, requests: int, reps: int) -> float:
     for _ in range(reps):
         t = time.process_time()
         for _ in range(requests):
-            client.data_received(REQUEST)
+            client.data_received(request)
             client.current.upstream.data_received(RESPONSE)  # type: ignore[union-attr]
         best = min(best, (time.process_time() - t) / requests * 1e6)
         await asyncio.sleep(0.15)  # the access log's batch timer fires between batches
@@ -110,7 +115,7 @@ async def measure(config: str, requests: int, reps: int) -> float:
     return best
 
 
-def child(src: str, requests: int, reps: int) -> None:
+def child(src: str, requests: int, reps: int, case: str = "plain") -> None:
     sys.path.insert(0, src)
     import uvloop
 
@@ -124,8 +129,11 @@ def child(src: str, requests: int, reps: int) -> None:
         for key, port in (("$port", 18080), ("$admin_port", 18081), ("$backend1", 18082),
                           ("$backend2", 18083)):  # never bound: App() only builds objects
             text = text.replace(key, str(port))
+        if case == "hashed":
+            text = text.replace("strategy: round_robin", HASHED_STRATEGY)
         config.write_text(text)
-        print(f"{uvloop.run(measure(str(config), requests, reps)):.2f}")
+        request = REQUEST_HASHED if case == "hashed" else REQUEST
+        print(f"{uvloop.run(measure(str(config), requests, reps, request)):.2f}")
 
 
 def main() -> None:
@@ -135,10 +143,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40_000, help="per batch")
     ap.add_argument("--reps", type=int, default=5, help="batches; the best is kept")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per source")
+    ap.add_argument("--case", choices=("plain", "hashed"), default="plain",
+                    help="plain: round robin (default); hashed: consistent_hash on a header")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.requests, args.reps)
+        child(args.child, args.requests, args.reps, args.case)
         return
     srcs = [os.path.abspath(s) for s in (args.src or [str(HERE.parent)])]
     results: dict[str, list[float]] = {s: [] for s in srcs}
@@ -146,8 +156,8 @@ def main() -> None:
         for src in srcs:
             done = subprocess.run(
                 [sys.executable, __file__, "--child", src, "--requests", str(args.requests),
-                 "--reps", str(args.reps)], capture_output=True, text=True, cwd=src,
-                timeout=600, check=False)
+                 "--reps", str(args.reps), "--case", args.case], capture_output=True,
+                text=True, cwd=src, timeout=600, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"{src}: {(done.stderr or done.stdout).strip()[-800:]}")
             results[src].append(float(done.stdout.split()[-1]))

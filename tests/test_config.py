@@ -289,7 +289,7 @@ def test_keys_left_out_load_as_the_model_defaults() -> None:
     for f in dataclasses.fields(ClientConfig):
         if f.name != "max_clients":  # None means "half the open-files limit": the app decides
             assert getattr(settings, f.name) == getattr(client, f.name), f.name
-    assert settings.access_log == top["access_log"]
+    assert settings.access_log == bool(top["access_log"])  # on, as the config's default
 
 
 def test_parsed_config_is_immutable() -> None:

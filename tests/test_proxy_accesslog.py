@@ -40,7 +40,8 @@ def test_line_is_json_with_every_field(caplog) -> None:  # type: ignore[no-untyp
     (rec,) = [r for r in caplog.records if r.name == "balancer.access"]
     data = json.loads(rec.getMessage())
     assert data == {"time": data["time"], "request_id": "rid-1", "client": "10.0.0.9",
-                    "method": "POST", "path": '/a "b"\\\xe9', "pool": "web", "backend": 'b"1',
+                    "method": "POST", "host": None, "path": '/a "b"\\\xe9', "pool": "web",
+                    "backend": 'b"1',
                     "status": 502, "upstream_time": None, "total_time": 0.25, "bytes": 17}
     assert data["time"].endswith("Z") and "T" in data["time"]
 
