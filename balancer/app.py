@@ -93,6 +93,7 @@ class App:
         self._probation: Probation | None = None
         #: Configs undone by a rollback: a discovery change that would rebuild one is not applied.
         self._rolled_back: list[Config] = []
+        self._told_rolled_back: list[Config] = []  # said once each
         self.started_at = time.time()
         self.server: asyncio.Server | None = None
         self.services: list[Service] = self._build_services()
@@ -216,7 +217,7 @@ class App:
             gone = self._apply(config)
             self.report = report
             self.running = new
-            self._rolled_back = []  # a new file was judged afresh
+            self._rolled_back, self._told_rolled_back = [], []  # a new file: judged afresh
             self.reloads["applied"] += 1
             self._event("applied", None)
             log.info("reload applied from %s: %s", self.config_path, describe_pools(config))
@@ -248,8 +249,11 @@ class App:
                 return False
             config, report = result
             if config in self._rolled_back:
-                log.warning("not applying a change that rebuilds a config rolled back earlier "
-                            "(%s); still serving the previous one", describe_pools(config))
+                if config not in self._told_rolled_back:
+                    self._told_rolled_back.append(config)
+                    log.warning("not applying a change that rebuilds a config rolled back "
+                                "earlier (%s); still serving the previous one",
+                                describe_pools(config))
                 return False
             probation = self._begin_probation(config)
             gone = self._apply(config)

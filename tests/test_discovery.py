@@ -398,3 +398,35 @@ async def test_reload_reseeds_discovery(dns_server: DNSServer, fleet: Fleet,
         dns_server.set("api.balancer.test", IPS[1:])
         await until(lambda: addresses(app) == set(IPS[1:]), "the new name followed")
         assert app.pools["web"].discovery_refused is None
+
+
+async def test_a_discovery_change_is_on_probation_and_rolled_back_when_it_concentrates(
+        dns_server: DNSServer, fleet: Fleet, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """DNS drops a healthy replica while another one is dead: the guard accepts two addresses,
+    but only one is in rotation. Probation sees the change (not a death during it) is to blame,
+    restores the three addresses, and later offers of the same set are not applied again."""
+    caplog.set_level(logging.WARNING)
+    await fleet.start(*IPS[:2])  # IPS[2] resolves but nothing listens there
+    dns_server.set(NAME, IPS[:3])
+    data = config(dns_server, fleet.port, guard={"probation": "10s"},
+                  pool={"health_check": {"path": "/healthz", "interval": "200ms",
+                                         "unhealthy_threshold": 1}, "panic_threshold": 0.3})
+    async with running(tmp_path, data) as app:
+        await until(lambda: not app.pools["web"].backends[2].healthy, "IPS[2] down")
+        async with Traffic(app.address.port) as load:
+            await settle(load, set(IPS[:2]))
+            dns_server.set(NAME, [IPS[1], IPS[2]])
+            await until(lambda: app.rollbacks == 1, "the discovery change rolled back")
+            assert addresses(app) == set(IPS[:3])
+            await settle(load, set(IPS[:2]))
+            await asyncio.sleep(2.5)  # two more offers of the same set: not applied
+            assert addresses(app) == set(IPS[:3]) and app.rollbacks == 1
+        assert load.failures == []
+        results = [e["result"] for e in app.reload_events]
+        assert results == ["applied", "rolled_back"], app.reload_events
+        assert app.reload_events[0]["reason"] == "DNS discovery change"
+        assert "1 of 2 backends down (health check)" in app.reload_events[1]["reason"]
+        said = [r.getMessage() for r in caplog.records
+                if "rebuilds a config rolled back" in r.getMessage()]
+        assert len(said) == 1, said
