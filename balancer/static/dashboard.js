@@ -88,12 +88,18 @@ function renderChart(chart, h, guard, events) {
   }
   nodes.push(svg("line", {class: "limit", x1: 0, x2: CHART_W,
                           y1: y(guard.max_share), y2: y(guard.max_share)}));
+  // Labels of marks close together (an apply and its rollback half a second later) go on the
+  // next row down instead of over each other; a row is free again 90 px to the right.
+  const rowEnds = [];
   for (const e of events) {
     if (e.t < start || e.t > end) continue;
     const g = svg("g", {class: "reload-mark " + e.result});
     g.dataset.result = e.result;
     g.append(svg("line", {x1: x(e.t), x2: x(e.t), y1: 0, y2: CHART_H}));
-    const label = svg("text", {x: +x(e.t) + 4, y: 12});
+    let row = rowEnds.findIndex(last => +x(e.t) - last > 90);
+    if (row < 0) row = rowEnds.length;
+    rowEnds[row] = +x(e.t);
+    const label = svg("text", {x: +x(e.t) + 4, y: 12 + 13 * (row % 6)});
     label.textContent = RESULTS[e.result] || e.result;
     g.append(label);
     const title = svg("title");
