@@ -48,7 +48,8 @@ METRICS = {
     "balancer_requests_total", "balancer_request_duration_seconds", "balancer_backend_in_flight",
     "balancer_backend_up", "balancer_backend_traffic_share", "balancer_upstream_errors_total",
     "balancer_rejected_requests_total", "balancer_pool_concentrated", "balancer_pool_panic",
-    "balancer_config_reloads_total",
+    "balancer_config_reloads_total", "balancer_pool_too_few_in_rotation",
+    "balancer_config_rollbacks_total",
 }
 _METRIC_RE = re.compile(r"\bbalancer_[a-z_]+")
 #: Kubernetes versions to validate against: an older one still widely run, and the newest.
