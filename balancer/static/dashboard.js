@@ -210,9 +210,12 @@ function renderPool(name, p, guard, events) {
 
   const c = p.concentrated;
   view.concentrated.hidden = !c;
-  view.concentrated.textContent = c ? `Traffic concentrated: ${c.backend} takes ${pct(c.share)} ` +
-    `of the ${c.requests} requests in the last ${duration(guard.live_window)} ` +
-    `(max_share ${pct(guard.max_share)} + margin ${pct(guard.live_margin)}).` : "";
+  // Too few in rotation (health checks, ejection) says its own cause, in the log's words.
+  view.concentrated.textContent = !c ? "" : c.cause === "rotation"
+    ? `Traffic concentrated: ${c.reason.replace(/^pool [^:]+: /, "")}.`
+    : `Traffic concentrated: ${c.backend} takes ${pct(c.share)} ` +
+      `of the ${c.requests} requests in the last ${duration(guard.live_window)} ` +
+      `(max_share ${pct(guard.max_share)} + margin ${pct(guard.live_margin)}).`;
   view.discovery.hidden = !p.discovery_refused;
   view.discovery.textContent = p.discovery_refused ? "DNS discovery kept the last good set: " +
     p.discovery_refused : "";
