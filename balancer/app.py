@@ -335,9 +335,9 @@ class App:
             self.running = replace(previous, at=time.time())
             self.rollbacks += 1
             self._rolled_back = [*self._rolled_back[-4:], undone]
-            log.error("reload rolled back: %s", finding.reason)
-            log.error("  why the change is to blame: %s; serving the previous config again "
-                      "(sha256 %s)", why, previous.sha256[:12])
+            log.error("reload rolled back: %s; the change is to blame: %s; serving the "
+                      "previous config again (sha256 %s)", finding.reason, why,
+                      previous.sha256[:12])
             self._reload_tls(undone)
             for backend in gone:
                 self.fleet.retire(backend)

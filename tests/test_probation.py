@@ -11,6 +11,7 @@ doing (a backend dies during probation) is not rolled back.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import signal
 from collections.abc import AsyncIterator
@@ -128,6 +129,7 @@ async def test_a_hash_key_that_collapses_on_real_traffic_is_rolled_back_within_p
         cfg = config(listen, int(admin.rsplit(":", 1)[1]), backends.ports)
         async with Traffic(listen) as traffic:
             assert len(await traffic.sample(30)) == 3
+            before = path.read_bytes()
             cfg["pools"]["web"]["strategy"] = {"name": "consistent_hash", "key": key}
             write_config(path, cfg)
             mark = proc.mark()
@@ -147,6 +149,12 @@ async def test_a_hash_key_that_collapses_on_real_traffic_is_rolled_back_within_p
         last = status_doc["last_reload"]
         assert last["result"] == "rolled_back" and "took 100%" in last["reason"]
         assert last["at"].endswith("Z")
+        # What runs is the previous config, not the file on disk: GET /config says which.
+        async with aiohttp.ClientSession() as s, s.get(f"{admin}/config") as r:
+            running, sha = await r.text(), r.headers["X-Config-SHA256"]
+        assert sha == status_doc["config_sha256"] == hashlib.sha256(before).hexdigest()
+        assert running.encode() == before != path.read_bytes()
+        assert "consistent_hash" not in running
 
 
 async def test_a_health_check_path_only_one_backend_serves(tmp_path: Path) -> None:
