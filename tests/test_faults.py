@@ -28,17 +28,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.support.faulty import (
-    BackendProcess,
-    FaultyServer,
-    RunningBalancer,
-    fd_count,
-    no_hidden_retries,
-    received_by_all,
-    record_figure,
-    run_load,
-    settle_fds,
-)
+from tests.support.backends import BackendProcess, FaultyServer, received_by_all
+from tests.support.load import no_hidden_retries, record_figure, run_load
+from tests.support.proc import RunningBalancer, fd_count, settle_fds
 
 pytestmark = [pytest.mark.faults, pytest.mark.asyncio(loop_scope="module")]
 

@@ -24,17 +24,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.support.faulty import (
-    BackendProcess,
-    RunningBalancer,
-    fd_count,
-    memory,
-    no_hidden_retries,
-    pattern_ok,
-    record_figure,
-    settle_fds,
-    upload_blocks,
-)
+from tests.support.backends import BackendProcess, pattern_ok, upload_blocks
+from tests.support.load import no_hidden_retries, record_figure
+from tests.support.proc import RunningBalancer, fd_count, memory, settle_fds
 
 LONG = os.environ.get("BALANCER_LONG") == "1"
 MiB = 1 << 20

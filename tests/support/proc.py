@@ -4,6 +4,8 @@ Lifecycle tests need a real process: real signals, a real exit code, a listening
 really goes away. ``BalancerProcess`` starts one, collects its stderr line by line (a reader
 thread, so the test's event loop, which also runs the test backends, is never blocked), waits
 for log lines with a timeout on every wait, and always kills the process at the end.
+``RunningBalancer`` is one on kernel-chosen ports with its /metrics at hand, for load tests;
+``fd_count``, ``memory`` and ``settle_fds`` read what a process holds from /proc.
 """
 
 from __future__ import annotations
@@ -184,3 +186,75 @@ class BalancerProcess:
         rc = self.returncode
         assert rc is not None
         return rc
+
+
+class RunningBalancer:
+    """``balancer run`` on a config written from ``pools``: its proxy URL, admin URL, pid and
+    /metrics. Ports are the kernel's (listen and admin on port 0, read back from the start
+    lines), so nothing races for a free port."""
+
+    def __init__(self, workdir: Path, pools: dict[str, Any], **top: Any) -> None:
+        data = {"listen": "127.0.0.1:0", "admin": "127.0.0.1:0", "pools": pools, **top}
+        self.path = write_config(workdir / "balancer.yaml", data)
+        self.proc = BalancerProcess(self.path)
+        self.url = self.admin = ""
+
+    async def __aenter__(self) -> Self:
+        await self.proc.__aenter__()
+        try:
+            self.url = "http://" + await self.proc.wait_ready()
+            line = await self.proc.wait_for(r"admin: dashboard at http://(\S+)/")
+            self.admin = "http://" + re.search(r"http://(\S+?)/", line).group(1)  # type: ignore
+        except BaseException:
+            self.proc.kill()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.proc.kill()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+        """Every sample of /metrics: (name, labels, value)."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as s, \
+                s.get(self.admin + "/metrics") as r:
+            text = await r.text()
+        return [(x.name, x.labels, x.value) for f in text_string_to_metric_families(text)
+                for x in f.samples]
+
+    async def counter(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels``."""
+        return sum(v for n, lb, v in await self.metrics()
+                   if n == name and all(lb.get(k) == x for k, x in labels.items()))
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid``."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of ``pid``, in bytes."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: int(v) * 1024 for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M)}
+
+
+async def settle_fds(pid: int, at_most: int, timeout: float = 10.0) -> int:
+    """Wait until ``pid`` holds at most ``at_most`` fds (idle upstream connections age out
+    after upstream.IDLE_TIMEOUT); the last count seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = fd_count(pid)
+        if n <= at_most or time.monotonic() > deadline:
+            return n
+        await asyncio.sleep(0.1)

@@ -1,17 +1,12 @@
-"""Backends with special behaviour for the request-path tests, all real servers on loopback.
-
-``special_app`` is an aiohttp app for the well-behaved cases (streaming, statuses, WebSocket,
-uploads). ``RawBackend`` is a bare asyncio server scripted per test for the misbehaving ones
-(reset after reading a request, never answer, answer garbage, cut a body short), which aiohttp
-would not let us write.
+"""Well-behaved aiohttp backends: ``special_app`` has an endpoint per behaviour the request-path
+tests need (statuses, HEAD, a gated stream, big downloads, streamed uploads, slow answers,
+hop-by-hop headers, an early 413, WebSocket, echo). Serve one with ``tests.support.net.run_app``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
@@ -124,109 +119,3 @@ def special_app(name: str = "special") -> web.Application:
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/{tail:.*}", default)
     return app
-
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "RawBackend"], Awaitable[None]]
-
-
-class RawBackend:
-    """A bare TCP server on loopback; ``handler`` scripts each connection."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.requests: list[bytes] = []  # request heads received, in order
-        self.connections = 0
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.add(writer)
-        try:
-            await self.handler(reader, writer, self)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
-        """Read one request head (no body) and note it."""
-        head = await reader.readuntil(b"\r\n\r\n")
-        self.requests.append(head)
-        return head
-
-    async def __aenter__(self) -> RawBackend:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for w in list(self._writers):
-            w.transport.abort()
-        await asyncio.sleep(0)
-
-
-async def reset_after_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                              backend: RawBackend) -> None:
-    """Read a request, then drop the connection without a byte of answer."""
-    await backend.read_request(reader)
-    writer.transport.abort()
-
-
-async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       backend: RawBackend) -> None:
-    await backend.read_request(reader)
-    await asyncio.sleep(30)
-
-
-async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  backend: RawBackend) -> None:
-    await backend.read_request(reader)
-    writer.write(b"SURPRISE this is not HTTP\r\n\r\n")
-    await writer.drain()
-    await asyncio.sleep(1)
-
-
-async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    backend: RawBackend) -> None:
-    """Promise 100000 bytes, send 10000, die."""
-    await backend.read_request(reader)
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10000)
-    await writer.drain()
-    await asyncio.sleep(0.05)
-    writer.transport.abort()
-
-
-async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      backend: RawBackend) -> None:
-    """An HTTP/1.0-style answer: no length, the body ends when the connection does."""
-    await backend.read_request(reader)
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nthe body ")
-    await writer.drain()
-    await asyncio.sleep(0.05)
-    writer.write(b"ends at close")
-    await writer.drain()
-
-
-def keepalive_then_close(answer: bytes = b"ok") -> Handler:
-    """Answer each request with keep-alive, then close the idle connection at once (the
-    race a pooled connection has with a backend's keep-alive timeout)."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      backend: RawBackend) -> None:
-        await backend.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
-        await writer.drain()
-        await asyncio.sleep(0.05)
-
-    return handler
-
-
-@asynccontextmanager
-async def raw_backend(handler: Handler) -> AsyncIterator[RawBackend]:
-    async with RawBackend(handler) as backend:
-        yield backend
