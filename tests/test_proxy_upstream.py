@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 
 from balancer.upstream import UpstreamPool
-from tests.support.backends import RawBackend, raw_backend
+from tests.support.backends import RawBackend, keepalive_then_close, raw_backend
 from tests.support.proxy import RawClient, pool_of, run_proxy
 
 
@@ -100,14 +100,8 @@ async def test_idle_pool_is_bounded() -> None:
 
 
 async def test_backend_closing_an_idle_connection_drops_it_from_the_pool() -> None:
-    async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         backend: RawBackend) -> None:
-        await backend.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await asyncio.sleep(0.05)  # then close the kept-alive connection, idle
-
-    async with raw_backend(one_answer) as be:
+    # One answer ("ok") per connection, then the kept-alive connection is closed, idle.
+    async with raw_backend(keepalive_then_close()) as be:
         async with run_proxy({"pools": {"web": pool_of(be.port, retries=0)}}) as px:
             async with await RawClient.open(px.port) as c:
                 await c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
