@@ -17,8 +17,9 @@ import pytest
 
 from balancer import guard
 from balancer.backend import Backend
-from balancer.config import Config, ConfigError, parse_config
+from balancer.config import Config, ConfigError
 from balancer.guard import GuardReport, evaluate, format_diff, format_shares
+from balancer.loading import parse_config
 from balancer.strategies.base import PickContext, Strategy
 
 # --------------------------------------------------------------------------- test strategies
