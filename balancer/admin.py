@@ -28,7 +28,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -36,6 +36,7 @@ import yaml
 from aiohttp import web
 
 from balancer import __version__
+from balancer.appview import AppView
 from balancer.config import Address
 from balancer.metrics import CONTENT_TYPE, build_registry, render
 from balancer.monitor import Monitor
@@ -43,7 +44,7 @@ from balancer.pool import Pool
 
 log = logging.getLogger("balancer.admin")
 
-APP_KEY = web.AppKey("balancer_app", object)
+APP_KEY = web.AppKey("balancer_app", AppView)
 MONITOR_KEY = web.AppKey("balancer_monitor", Monitor)
 REGISTRY_KEY = web.AppKey("balancer_registry", object)
 
@@ -82,13 +83,13 @@ def pool_status(pool: Pool, monitor: Monitor | None) -> dict[str, Any]:
         })
     return {
         "strategy": pool.config.strategy.name,
-        "panic": pool.panic,
+        "panic": pool.judge(now)[2],
         "concentrated": None if conc is None else {
             "backend": conc.backend, "share": round(conc.share, 4), "requests": conc.requests,
             "cause": conc.cause, "reason": conc.reason},
         "allow_concentration": pool.config.allow_concentration,
         # Set while DNS discovery keeps the last good set because the guard refused the new one.
-        "discovery_refused": getattr(pool, "discovery_refused", None),
+        "discovery_refused": pool.discovery_refused,
         "in_flight": pool.in_flight,
         "waiting": pool.waiting,
         "rejected": dict(pool.rejected),
@@ -128,18 +129,18 @@ def iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def running(app: Any) -> dict[str, Any]:
+def running(app: AppView) -> dict[str, Any]:
     """What runs: the config's sha256, when it was applied, the reload events, the probation.
 
-    Read with defaults: an app without reload history (a stand-in, an older App) still has a
-    status page. Nothing here is written: the lists are copied before they are read.
+    An app without a record of them (None, empty) still has a status page. Nothing here is
+    written: the lists are copied before they are read.
     """
-    applied = getattr(app, "config_applied_at", None)
+    applied = app.config_applied_at
     events = [{"result": e["result"], "reason": e.get("reason"), "at": iso(e["at"]),
-               "t": e["at"]} for e in list(getattr(app, "reload_events", None) or ())]
-    probation = getattr(app, "probation", None)
+               "t": e["at"]} for e in list(app.reload_events)]
+    probation = app.probation
     return {
-        "config_sha256": getattr(app, "config_sha256", None),
+        "config_sha256": app.config_sha256,
         "config_applied_at": iso(applied) if applied else None,
         "last_reload": ({k: events[-1][k] for k in ("result", "reason", "at")}
                         if events else None),
@@ -150,17 +151,16 @@ def running(app: Any) -> dict[str, Any]:
     }
 
 
-def status(app: Any, monitor: Monitor | None) -> dict[str, Any]:
-    """The whole /status document."""
+def status(app: AppView, monitor: Monitor | None) -> dict[str, Any]:
+    """The whole /status document. Reading it changes nothing (panic is judged, not recounted:
+    the monitor's tick and the requests record it)."""
     config = app.config
-    started = getattr(app, "started_at", None)
-    for pool in app.pools.values():
-        pool.state_changed()  # judge panic now, not at the next request
+    started = app.started_at
     return {
         "version": __version__,
-        "config": getattr(app, "config_path", config.source),
+        "config": app.config_path,
         "uptime": round(time.time() - started, 1) if started else 0.0,
-        "reloads": dict(getattr(app, "reloads", {})),
+        "reloads": dict(app.reloads),
         **running(app),
         "guard": {"max_share": config.guard.max_share, "live_margin": config.guard.live_margin,
                   "live_window": config.guard.live_window,
@@ -198,11 +198,11 @@ async def handle_config(request: web.Request) -> web.Response:
     denied = _authorize(request, app)
     if denied is not None:
         return denied
-    text = getattr(app, "config_text", None)
+    text = app.config_text
     if text is None:
         return web.json_response({"error": "the running config text is not available"},
                                  status=503)
-    sha = getattr(app, "config_sha256", None) or hashlib.sha256(text.encode("utf-8")).hexdigest()
+    sha = app.config_sha256 or hashlib.sha256(text.encode("utf-8")).hexdigest()
     return web.Response(body=mask_secrets(text).encode("utf-8"), headers={
         "Content-Type": "application/yaml; charset=utf-8", "X-Config-SHA256": sha,
         "ETag": f'"{sha}"', "Cache-Control": "no-store"})
@@ -268,7 +268,7 @@ async def handle_reload(request: web.Request) -> web.Response:
     peer = request.remote or "?"
     log.info("reload requested over the admin endpoint by %s%s", peer,
              " (waiting for its probation)" if wait else "")
-    result = await app.reload()  # type: ignore[attr-defined]
+    result = await app.reload()
     if not result.applied:
         return web.json_response({"applied": False, "result": "refused",
                                   "problems": list(result.problems), "diff": result.diff},
@@ -278,7 +278,7 @@ async def handle_reload(request: web.Request) -> web.Response:
     if outcome is None:
         return web.json_response(doc)
     if not wait:
-        doc["probation"] = _iso_times(app.probation)  # type: ignore[attr-defined]
+        doc["probation"] = _iso_times(app.probation)
         return web.json_response(doc)
     end = await asyncio.shield(outcome)
     doc.update(result=end["result"], reason=end.get("reason"), at=_iso(end["at"]))
@@ -293,15 +293,15 @@ def _iso(t: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _iso_times(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+def _iso_times(doc: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if doc is None:
         return None
     return {**doc, "until": _iso(doc.get("until"))}
 
 
-def _authorize(request: web.Request, app: Any) -> web.Response | None:
+def _authorize(request: web.Request, app: AppView) -> web.Response | None:
     """None when the request may go on (no token set, or the right one); else the 401."""
-    token = getattr(app.config, "admin_token", None)
+    token = app.config.admin_token
     if not token:
         return None
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -313,8 +313,8 @@ def _authorize(request: web.Request, app: Any) -> web.Response | None:
                              status=401, headers={"WWW-Authenticate": 'Bearer realm="balancer"'})
 
 
-def build_admin_app(app: Any, monitor: Monitor | None = None) -> web.Application:
-    """The aiohttp application for ``app`` (anything with config, pools, reloads, reload())."""
+def build_admin_app(app: AppView, monitor: Monitor | None = None) -> web.Application:
+    """The aiohttp application for ``app`` (the App, or a stand-in with the same view)."""
     monitor = monitor if monitor is not None else Monitor()
     web_app = web.Application()
     web_app[APP_KEY] = app
@@ -342,7 +342,7 @@ class AdminServer:
         self.address: Address | None = None
         self._bound: Address | None = None
 
-    async def start(self, app: Any) -> None:
+    async def start(self, app: AppView) -> None:
         addr = app.config.admin
         runner = web.AppRunner(build_admin_app(app, self.monitor), access_log=None,
                                handle_signals=False)
@@ -367,7 +367,7 @@ class AdminServer:
         log.info("admin: dashboard at http://%s/ (also /metrics, /status, /config, /reload)",
                  self.address)
 
-    def on_reload(self, app: Any) -> None:
+    def on_reload(self, app: AppView) -> None:
         if self._bound is not None and app.config.admin != self._bound:
             log.warning("admin changed from %s to %s: takes effect on restart",
                         self._bound, app.config.admin)

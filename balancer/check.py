@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from balancer.config import Config, ConfigError, UnreadableConfig, load_config
-from balancer.discovery import expand
-from balancer.guard import evaluate, format_diff, format_shares, pct
+from balancer.config import Config, ConfigError, UnreadableConfig
+from balancer.guard import GuardReport, format_diff, format_shares, pct
+from balancer.loading import Refused, check_file
 
 #: Before each line about the ``--against`` file, so no reader takes it for the new config's.
 AGAINST = "--against: "
@@ -25,18 +25,18 @@ AGAINST = "--against: "
 def main_check(config_path: str, against: str | None) -> int:
     """Check ``config_path`` (optionally against the deployed ``against``); the exit code."""
     out, err = sys.stdout, sys.stderr
-    old_config: Config | None = None
+    old: GuardReport | None = None
     old_problems: list[str] = []
     if against:
         try:
-            old_config = _load_against(against)
+            old = judge(against)
         except UnreadableConfig as exc:
             _lines(err, against, exc.problems, AGAINST)
             return 2
         except ConfigError as exc:
             old_problems = exc.problems
     try:
-        config = expand(load_config(config_path))  # discovery: dns → the addresses it has now
+        report = judge(config_path)  # discovery: dns → the addresses it has now
     except ConfigError as exc:
         _lines(err, config_path, exc.problems)
         if isinstance(exc, UnreadableConfig):
@@ -44,8 +44,6 @@ def main_check(config_path: str, against: str | None) -> int:
         _lines(err, against or "", old_problems, AGAINST)
         print(f"{config_path}: invalid ({_count(exc.problems)})", file=out)
         return 1
-    report = evaluate(config)
-    old = evaluate(old_config) if old_config is not None else None
 
     _lines(err, config_path, report.errors)
     _lines(err, against or "", old_problems, AGAINST)
@@ -68,11 +66,22 @@ def main_check(config_path: str, against: str | None) -> int:
     return 0 if report.ok and not old_problems else 1
 
 
-def _load_against(path: str) -> Config:
-    """The deployed config, expanded as the new one is; raises ConfigError (UnreadableConfig
-    when the file cannot be read). Loaded before the new one is judged, so a missing file
-    answers at once, without a simulation first."""
-    return expand(load_config(path))
+def judge(path: str) -> GuardReport:
+    """The guard's report on ``path`` through the one loading pipeline (``check_file``, as
+    ``run`` and every reload load it), refused or not; raises ConfigError when it is invalid
+    (UnreadableConfig when the file cannot be read)."""
+    try:
+        return check_file(path).report
+    except Refused as exc:
+        return exc.report
+
+
+def _config(path: str) -> Config:
+    """``path`` loaded as ``judge`` loads it (discovery expanded), for ``--replay``."""
+    try:
+        return check_file(path).config
+    except Refused as exc:
+        return exc.config
 
 
 def main_replay(config_path: str, logs: list[str], host: str | None,
@@ -82,8 +91,8 @@ def main_replay(config_path: str, logs: list[str], host: str | None,
 
     code = main_check(config_path, against)
     try:
-        new = expand(load_config(config_path))
-        old = expand(load_config(against)) if against else None
+        new = _config(config_path)
+        old = _config(against) if against else None
     except ConfigError:
         return max(code, 1)  # main_check said why
     return max(code, run(new, logs, host=host, old=old, new_name=config_path,

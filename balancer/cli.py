@@ -13,7 +13,7 @@ import sys
 from balancer import __version__
 from balancer.config import Config, defaults
 
-# Defaults from the model (balancer/config.py), not written again here.
+# Defaults from the model (balancer/config/model.py), not written again here.
 _ADMIN, _DRAIN = defaults(Config)["admin"], f"{defaults(Config)['drain_timeout']:g}s"
 RUN_EPILOG = f"""\
 reloading (the running config stays when the guard refuses the new one):

@@ -48,6 +48,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 
+from balancer.appview import AppView
 from balancer.config import (
     Address,
     BackendConfig,
@@ -56,6 +57,7 @@ from balancer.config import (
     PoolConfig,
     default_backend_name,
 )
+from balancer.guard import GuardReport, evaluate
 
 log = logging.getLogger("balancer.discovery")
 
@@ -271,7 +273,7 @@ class DiscoveryService:
     """
 
     def __init__(self) -> None:
-        self._app: Any = None
+        self._app: AppView | None = None
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._nameservers: tuple[Address, ...] | None = None
         self._tasks: dict[tuple[str, BackendConfig], asyncio.Task[None]] = {}
@@ -281,11 +283,11 @@ class DiscoveryService:
 
     # --- Service interface (app.py) ------------------------------------------------------
 
-    async def start(self, app: Any) -> None:
+    async def start(self, app: AppView) -> None:
         self._app = app
         self._sync(app)
 
-    def on_reload(self, app: Any) -> None:
+    def on_reload(self, app: AppView) -> None:
         self._app = app
         self._refused.clear()
         for pool in app.pools.values():
@@ -301,7 +303,7 @@ class DiscoveryService:
 
     # --- membership ----------------------------------------------------------------------
 
-    def _sync(self, app: Any) -> None:
+    def _sync(self, app: AppView) -> None:
         """Watch exactly the entries of the live config (restart all if the resolver changed)."""
         if app.config.resolver != self._nameservers:
             for task in self._tasks.values():
@@ -348,25 +350,27 @@ class DiscoveryService:
 
     async def _offer(self, pool: str, entry: BackendConfig, addresses: tuple[str, ...]) -> None:
         """Propose ``addresses`` for ``entry``; the guard decides under the App's lock."""
-        live = self._app.config.pools.get(pool)
+        app = self._app
+        if app is None:
+            return
+        live = app.config.pools.get(pool)
         if live is None or addresses_of(live, entry) == set(addresses):
             if live is not None:
                 self._unrefuse(pool, entry, "its addresses are back to the serving set")
             return
 
-        async def change(config: Config) -> tuple[Config, Any] | None:
+        async def change(config: Config) -> tuple[Config, GuardReport] | None:
             return await self._judge(config, pool, entry, addresses)
 
-        await self._app.apply_change(change, source=self)
+        await app.apply_change(change, source=self)
 
     async def _judge(self, config: Config, pool: str, entry: BackendConfig,
-                     addresses: tuple[str, ...]) -> tuple[Config, Any] | None:
+                     addresses: tuple[str, ...]) -> tuple[Config, GuardReport] | None:
         """The config with ``entry`` at ``addresses`` and its guard report, or None (refused,
         or nothing to change any more)."""
-        from balancer.guard import GuardReport, evaluate
-
+        app = self._app
         live = config.pools.get(pool)
-        if live is None or entry not in entries(live):
+        if app is None or live is None or entry not in entries(live):
             return None
         before = addresses_of(live, entry)
         if before == set(addresses):
@@ -385,11 +389,10 @@ class DiscoveryService:
                  len(addresses), change)
         for warning in verdict.warnings:
             log.warning("%s", warning)
-        old = self._app.report
+        old = app.report
         report = GuardReport(
-            errors=[], warnings=list(getattr(old, "warnings", [])),
-            shares={**getattr(old, "shares", {}), **verdict.shares},
-            worst_failure={**getattr(old, "worst_failure", {}), **verdict.worst_failure})
+            errors=[], warnings=list(old.warnings), shares={**old.shares, **verdict.shares},
+            worst_failure={**old.worst_failure, **verdict.worst_failure})
         return replace(config, pools=MappingProxyType({**config.pools, pool: candidate})), report
 
     # --- refusals and failures, each logged once -----------------------------------------
@@ -416,7 +419,7 @@ class DiscoveryService:
             self._set_flag(pool, None)
 
     def _set_flag(self, pool: str, reason: str | None) -> None:
-        live = self._app.pools.get(pool)
+        live = self._app.pools.get(pool) if self._app is not None else None
         if live is not None:
             live.discovery_refused = reason
 

@@ -12,13 +12,11 @@ Used by ``balancer check`` and, before a config goes live, by ``run`` and every 
 from __future__ import annotations
 
 import random
-import socket
-import threading
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig, numeric_ip
+from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig
+from balancer.sameserver import resolve_hosts, servers_of
 from balancer.simulation import SEED, Simulation, simulating
 from balancer.strategies import PickContext, resolve_strategy
 
@@ -35,8 +33,6 @@ CONCURRENCY = 16
 SERVICE_TIME = 0.010
 SLOWDOWN = 1.5
 ROTATIONS = 2
-#: Overall bound on DNS look-ups for the duplicate-server rule (seconds).
-RESOLVE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
     report = GuardReport()
     reached = _reaching_routes(config.routes)
     hosts = {b.host for p in config.pools.values() for b in p.backends}
-    addresses = _resolve(hosts) if resolve else {}
+    addresses = resolve_hosts(hosts) if resolve else {}
     for name, pool in config.pools.items():
         where = f"pools.{name}"
         routes = reached.get(name, [])
@@ -70,7 +66,7 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
         hint = _hash_key_hint(pool, routes)
         if hint is not None:
             report.warnings.append(f"{where}: {hint}")
-        servers, unresolved = _servers(pool.backends, addresses, resolve)
+        servers, unresolved = servers_of(pool.backends, addresses, resolve)
         report.warnings.extend(
             f"{where}: backend {b.name}: host {b.host!r} does not resolve here; "
             f"compared with the other backends by name only" for b in unresolved)
@@ -241,85 +237,6 @@ def _parse_key(cls: type, raw: object) -> tuple[str, str] | None:
     if kind in ("client_ip", "path", "header", "cookie"):
         return kind, name or ""
     return None
-
-
-# --------------------------------------------------------------------------- same server?
-
-_Identity = tuple[str, frozenset[str], int]
-
-
-#: What a connection to the unspecified address reaches on Linux: this machine's loopback.
-_UNSPECIFIED_REACHES = {4: "127.0.0.1", 6: "::1"}
-
-
-def _normal_ip(text: str) -> str | None:
-    """One spelling per address (``127.1``, ``::ffff:127.0.0.1`` → ``127.0.0.1``), None for a
-    name. The config refuses ``0.0.0.0`` as a backend, but a name may resolve to it: it is
-    compared as the loopback it reaches, so the duplicate rule sees it."""
-    ip = numeric_ip(text)
-    if ip is None:
-        return None
-    return _UNSPECIFIED_REACHES[ip.version] if ip.is_unspecified else ip.compressed
-
-
-def _resolve(hosts: Iterable[str]) -> dict[str, frozenset[str] | None]:
-    """Host name → its addresses (None when it does not resolve in time).
-
-    Each look-up runs in a daemon thread so that a hung resolver bounds only this call, never
-    the process's exit; all of them share one overall deadline.
-    """
-    found: dict[str, frozenset[str] | None] = {}
-    threads = []
-
-    def look_up(host: str) -> None:
-        try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            found[host] = None
-            return
-        found[host] = frozenset(filter(None, (_normal_ip(str(i[4][0])) for i in infos)))
-
-    for host in sorted(set(hosts)):
-        ip = _normal_ip(host)
-        if ip is not None:
-            found[host] = frozenset([ip])
-            continue
-        t = threading.Thread(target=look_up, args=(host,), daemon=True, name=f"guard-dns-{host}")
-        t.start()
-        threads.append((host, t))
-    deadline = time.monotonic() + RESOLVE_TIMEOUT
-    for _host, t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    return {h: found.get(h) for h in set(hosts)}
-
-
-def _servers(backends: Sequence[BackendConfig], addresses: dict[str, frozenset[str] | None],
-             resolve: bool) -> tuple[dict[str, object], list[BackendConfig]]:
-    """Backend name → a server identity shared by entries that reach the same server.
-
-    Entries are the same server when scheme and port match and their address sets overlap
-    (``localhost`` and ``127.0.0.1``); a name that does not resolve is compared by name.
-    """
-    idents: list[_Identity] = []
-    unresolved = []
-    for b in backends:
-        host = b.host.rstrip(".")
-        addrs = addresses.get(b.host) if resolve else None
-        if addrs is None:
-            ip = _normal_ip(host)
-            if resolve and ip is None:
-                unresolved.append(b)
-            addrs = frozenset([ip or host])
-        idents.append((b.scheme, addrs, b.port))
-    # Overlap is not transitive by itself; merge into groups (a tiny union-find).
-    group = list(range(len(backends)))
-    for i, (scheme, addrs, port) in enumerate(idents):
-        for j in range(i):
-            s2, a2, p2 = idents[j]
-            if scheme == s2 and port == p2 and addrs & a2:
-                old, new = group[i], group[j]
-                group = [new if g == old else g for g in group]
-    return {b.name: group[i] for i, b in enumerate(backends)}, unresolved
 
 
 # --------------------------------------------------------------------------- routes

@@ -20,10 +20,10 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import aiohttp
 
+from balancer.appview import AppView
 from balancer.backend import Backend
 from balancer.config import HealthCheckConfig
 from balancer.pool import Pool
@@ -102,7 +102,7 @@ class HealthChecker:
 
     # --- Service interface (app.py) ------------------------------------------------------
 
-    async def start(self, app: Any) -> None:
+    async def start(self, app: AppView) -> None:
         # force_close: every probe makes a fresh connection, so a refused or hung connect is
         # seen at once rather than hidden behind a pooled keep-alive connection.
         self._session = aiohttp.ClientSession(
@@ -111,7 +111,7 @@ class HealthChecker:
         )
         self.sync(app.pools)
 
-    def on_reload(self, app: Any) -> None:
+    def on_reload(self, app: AppView) -> None:
         self.sync(app.pools)
 
     async def stop(self) -> None:

@@ -17,7 +17,6 @@ reloads for a server that stays, so they never restart on a reload.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -28,6 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from balancer.appview import AppView, ClientSideView
 from balancer.backend import LATENCY_BUCKETS
 from balancer.monitor import Monitor
 from balancer.pool import Pool
@@ -46,12 +46,11 @@ _BUCKET_BOUNDS = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
 class BalancerCollector(Collector):
     """Reads ``app.pools``, ``app.reloads`` and the monitor's window whenever it is collected.
 
-    ``app`` is anything with ``pools`` (name → Pool) and optionally ``reloads``
-    ({"applied": n, "refused": n}) and ``started_at``; it is read afresh on every scrape, so a
-    reload that swaps ``app.pools`` is seen at once.
+    ``app`` is read afresh on every scrape (balancer/appview.py), so a reload that swaps
+    ``app.pools`` is seen at once. A scrape reads only: it changes no pool's state.
     """
 
-    def __init__(self, app: Any, monitor: Monitor | None = None) -> None:
+    def __init__(self, app: AppView, monitor: Monitor | None = None) -> None:
         self.app = app
         self.monitor = monitor
 
@@ -62,7 +61,7 @@ class BalancerCollector(Collector):
         reloads = CounterMetricFamily("balancer_config_reloads",
                                       "Config reloads, by result (applied or refused).",
                                       labels=["result"])
-        counts = getattr(self.app, "reloads", None) or {}
+        counts = self.app.reloads
         for result in ("applied", "refused"):
             reloads.add_metric([result], counts.get(result, 0))
         yield reloads
@@ -70,18 +69,16 @@ class BalancerCollector(Collector):
             "balancer_config_rollbacks",
             "Applied reloads undone automatically during their probation because a changed "
             "pool became concentrated (the log line 'reload rolled back' says why).",
-            value=getattr(self.app, "rollbacks", 0))
-        probation = getattr(self.app, "probation", None)
+            value=self.app.rollbacks)
+        probation = self.app.probation
         yield GaugeMetricFamily("balancer_config_probation",
                                 "1 while the last applied reload is on probation.",
                                 value=1 if probation else 0)
-        started = getattr(self.app, "started_at", None)
-        if started is not None:
-            yield GaugeMetricFamily("balancer_start_time_seconds",
-                                    "When this balancer process started (unix time).",
-                                    value=started)
-        state = getattr(self.app, "state", None)  # the client side (balancer/proxy.py)
-        if state is not None and hasattr(state, "timers"):
+        yield GaugeMetricFamily("balancer_start_time_seconds",
+                                "When this balancer process started (unix time).",
+                                value=self.app.started_at)
+        state = self.app.state  # the client side (balancer/proxy.py)
+        if state is not None:
             yield from _client_metrics(state)
 
     # --- per backend ---------------------------------------------------------------------
@@ -176,22 +173,22 @@ class BalancerCollector(Collector):
                                    "Requests of the pool in the live traffic-share window.",
                                    labels=["pool"])
         for pool in pools:
-            pool.state_changed()  # panic is judged lazily on the request path: judge it now
+            _, _, in_panic = pool.judge(pool.clock())  # judged now, not recorded
             for reason, n in sorted(pool.rejected.items()):
                 rejected.add_metric([pool.name, reason], n)
             conc = self.monitor.concentration(pool.name) if self.monitor is not None else None
-            refused = getattr(pool, "discovery_refused", None)
+            refused = pool.discovery_refused
             concentrated.add_metric([pool.name], 1 if conc is not None or refused else 0)
             too_few.add_metric([pool.name],
                                1 if conc is not None and conc.cause == "rotation" else 0)
-            panic.add_metric([pool.name], 1 if pool.panic else 0)
+            panic.add_metric([pool.name], 1 if in_panic else 0)
             waiting.add_metric([pool.name], pool.waiting)
             if self.monitor is not None:
                 window.add_metric([pool.name], self.monitor.window_requests(pool.name))
         yield from (rejected, concentrated, too_few, panic, waiting, window)
 
 
-def _client_metrics(state: Any) -> Iterator[Metric]:
+def _client_metrics(state: ClientSideView) -> Iterator[Metric]:
     """Client connections: open, cut off by a timeout (slowclients.py), turned away."""
     yield GaugeMetricFamily("balancer_client_connections", "Open client connections.",
                             value=len(state.connections))
@@ -206,7 +203,7 @@ def _client_metrics(state: Any) -> Iterator[Metric]:
                               value=state.turned_away)
 
 
-def build_registry(app: Any, monitor: Monitor | None = None) -> CollectorRegistry:
+def build_registry(app: AppView, monitor: Monitor | None = None) -> CollectorRegistry:
     """A fresh registry holding only the balancer's collector."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BalancerCollector(app, monitor))

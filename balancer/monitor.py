@@ -44,8 +44,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from balancer.appview import AppView
 from balancer.backend import LATENCY_BUCKETS, Backend
 from balancer.config import GuardConfig
 from balancer.pool import Pool
@@ -392,13 +392,13 @@ class MonitorService:
         self.monitor = monitor
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
-        self._app: Any = None
+        self._app: AppView | None = None
 
-    async def start(self, app: Any) -> None:
+    async def start(self, app: AppView) -> None:
         self._app = app
         self._task = asyncio.create_task(self._run(), name="balancer-monitor")
 
-    def on_reload(self, app: Any) -> None:
+    def on_reload(self, app: AppView) -> None:
         self._app = app  # pools and guard are read afresh on every tick
 
     async def stop(self) -> None:
@@ -414,7 +414,8 @@ class MonitorService:
         while True:
             app = self._app
             try:
-                self.monitor.tick(app.pools, app.config.guard, self.clock())
+                if app is not None:
+                    self.monitor.tick(app.pools, app.config.guard, self.clock())
             except Exception:  # a bug here must never stop the sampling for good
                 log.exception("traffic monitor: sampling failed")
             await asyncio.sleep(SAMPLE_INTERVAL)

@@ -92,15 +92,24 @@ class Pool:
 
     # --- choosing ------------------------------------------------------------------------
 
+    def judge(self, now: float) -> tuple[int, bool, bool]:
+        """(primaries in rotation, whether a backup is, whether that is panic) as of ``now``.
+
+        Records and logs nothing, so readers (/status, /metrics) judge with it and reading
+        changes no state; ``_refresh`` records the verdict (requests, the monitor's tick)."""
+        primary = self.primary
+        up = sum(1 for b in primary if b.available(now))
+        backup_up = any(b.available(now) for b in self.backup)
+        panic = bool(primary) and up < len(primary) * self.config.panic_threshold and not (
+            up == 0 and backup_up)
+        return up, backup_up, panic
+
     def _refresh(self, now: float) -> None:
         """Recount how many primaries are in rotation; enter or leave panic."""
         self._checked_at = now
         primary = self.primary
-        up = sum(1 for b in primary if b.available(now))
+        up, self._backup_up, panic = self.judge(now)
         self._primary_up = up
-        self._backup_up = any(b.available(now) for b in self.backup)
-        panic = bool(primary) and up < len(primary) * self.config.panic_threshold and not (
-            up == 0 and self._backup_up)
         if panic != self.panic:
             self.panic = panic
             if panic:

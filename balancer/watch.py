@@ -21,7 +21,8 @@ import asyncio
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+
+from balancer.appview import AppView
 
 log = logging.getLogger("balancer.watch")
 
@@ -44,21 +45,21 @@ class ConfigWatcher:
         self.path = Path(path)
         self.interval = interval
         self.reloads = 0  # reloads this watcher asked for (applied or refused)
-        self._app: Any = None
+        self._app: AppView | None = None
         self._seen: str | None = None
         self._unreadable = False
         self._task: asyncio.Task[None] | None = None
 
     # --- Service interface (app.py) ------------------------------------------------------
 
-    async def start(self, app: Any) -> None:
+    async def start(self, app: AppView) -> None:
         self._app = app
         self._seen = await asyncio.to_thread(digest, self.path)
         self._task = asyncio.get_running_loop().create_task(self._run(),
                                                             name="balancer-config-watch")
         log.info("watching %s for changes (every %gs)", self.path, self.interval)
 
-    def on_reload(self, app: Any) -> None:
+    def on_reload(self, app: AppView) -> None:
         self._app = app
 
     async def stop(self) -> None:
@@ -93,7 +94,8 @@ class ConfigWatcher:
         self._seen = now
         self.reloads += 1
         log.info("config file %s changed: reloading", self.path)
-        await self._app.reload()
+        if self._app is not None:
+            await self._app.reload()
         return True
 
     def __repr__(self) -> str:

@@ -22,8 +22,10 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.admin import AdminServer
+from balancer.appview import AppView
 from balancer.backend import Backend
 from balancer.config import parse_config
+from balancer.guard import GuardReport
 from balancer.monitor import Monitor
 from balancer.pool import Pool
 from tests.support.net import free_port
@@ -42,7 +44,8 @@ class Result:
 
 
 class StandIn:
-    """What admin.py reads from the App: config, pools, reloads, started_at, reload()."""
+    """What admin.py reads from the App (balancer/appview.py AppView), with no proxy and no
+    record of the running config's text or of past reloads."""
 
     def __init__(self, token: str | None = None) -> None:
         data: dict[str, Any] = {
@@ -60,6 +63,14 @@ class StandIn:
         self.reloads = {"applied": 0, "refused": 0}
         self.started_at = time.time() - 5
         self.config_path = "stand-in.yaml"
+        self.report = GuardReport()
+        self.state = None  # no proxy
+        self.rollbacks = 0
+        self.reload_events: list[dict[str, Any]] = []
+        self.probation: dict[str, Any] | None = None
+        self.config_text: str | None = None  # no record of the text as read
+        self.config_sha256: str | None = None
+        self.config_applied_at: float | None = None
         self.next: Result = Result(True, diff="web1 50% → 50%")
         self.reload_calls = 0
 
@@ -67,6 +78,13 @@ class StandIn:
         self.reload_calls += 1
         self.reloads["applied" if self.next.applied else "refused"] += 1
         return self.next
+
+    async def apply_change(self, change: Any, source: object = None) -> bool:
+        return False  # no discovery here
+
+
+def test_the_stand_in_is_what_the_services_read() -> None:
+    assert isinstance(StandIn(), AppView)
 
 
 @pytest.fixture

@@ -11,11 +11,10 @@ from balancer.config import (
     Address,
     Config,
     ConfigError,
-    load_config,
     parse_address,
-    parse_config,
     parse_duration,
 )
+from balancer.loading import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,8 +23,10 @@ import aiohttp
 import pytest
 
 from balancer.admin import AdminServer
+from balancer.appview import AppView
 from balancer.backend import Backend
 from balancer.config import parse_config
+from balancer.guard import GuardReport
 from balancer.monitor import Monitor
 from balancer.pool import Pool
 from tests.support.net import free_port
@@ -160,6 +162,18 @@ class Live:
         self.config_applied_at = time.time() - 60
         self.reload_events: list[dict[str, Any]] = []
         self.probation: dict[str, Any] | None = None
+        # The rest of what the services read of the App (balancer/appview.py AppView).
+        self.config_path = "live.yaml"
+        self.report = GuardReport()
+        self.state = None  # no proxy
+        self.rollbacks = 0
+        assert isinstance(self, AppView)
+
+    async def reload(self) -> Any:
+        raise AssertionError("the dashboard never reloads")
+
+    async def apply_change(self, change: Any, source: object = None) -> bool:
+        return False
 
     async def traffic(self) -> None:
         """10 ticks a second: serve requests in the current split, then sample."""

@@ -28,7 +28,8 @@ import pytest
 import yaml
 
 from balancer.cli import build_parser
-from balancer.config import BackendConfig, Config, load_config
+from balancer.config import BackendConfig, Config
+from balancer.loading import load_config
 from tests.support.dns import DNSServer
 from tests.support.net import free_port, name_app, run_app
 from tests.support.proc import BalancerProcess, pool_config, write_config

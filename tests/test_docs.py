@@ -1,8 +1,9 @@
 """The operator docs, exercised, so they cannot rot (docs/configuration.md, docs/runbook.md).
 
-- Every key ``balancer/config.py`` accepts (its ``_*_KEYS`` sets, read programmatically, so a key
-  added later without a row fails here) has a row in its section of configuration.md, and every
-  default written there as a single ``code`` value is what the loader really uses.
+- Every key the config package accepts (the ``_*_KEYS`` sets of balancer/config/parse.py and
+  pools.py, read programmatically, so a key added later without a row fails here) has a row in
+  its section of configuration.md, and every default written there as a single ``code`` value
+  is what the loader really uses.
 - Every ```yaml block of both docs parses; a full config (one with ``pools``) goes through
   ``balancer check`` and is accepted, or refused / warned about with the line its ``# refused:``
   or ``# warning:`` comment quotes; a fragment of keys is loaded inside a minimal config.
@@ -38,9 +39,11 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancer import config as config_module
 from balancer import guard
-from balancer.config import ConfigError, parse_config
+from balancer.config import ConfigError
+from balancer.config import parse as config_parse
+from balancer.config import pools as config_pools
+from balancer.loading import parse_config
 from balancer.strategies import STRATEGIES, resolve_strategy
 from tests.support.net import free_port, name_app, run_app
 from tests.support.proc import WAIT, BalancerProcess, run_cli, write_config
@@ -195,8 +198,9 @@ UNSET = {"none", "unlimited", "off", "any host"}
 
 
 def key_sets() -> dict[str, set[str] | frozenset[str]]:
-    """Every ``_*_KEYS`` set of balancer/config.py: the keys the loader accepts."""
-    found = {name: value for name, value in vars(config_module).items()
+    """Every ``_*_KEYS`` set of balancer/config/: the keys the loader accepts."""
+    found = {name: value for module in (config_parse, config_pools)
+             for name, value in vars(module).items()
              if re.fullmatch(r"_[A-Z][A-Z_]*_KEYS", name) and isinstance(value, (set, frozenset))}
     assert "_TOP_KEYS" in found and "_POOL_KEYS" in found, sorted(found)
     return found

@@ -15,10 +15,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from balancer import guard
+from balancer import guard, sameserver
 from balancer.backend import Backend
-from balancer.config import Config, ConfigError, parse_config
+from balancer.config import Config, ConfigError
 from balancer.guard import GuardReport, evaluate, format_diff, format_shares
+from balancer.loading import parse_config
 from balancer.strategies.base import PickContext, Strategy
 
 # --------------------------------------------------------------------------- test strategies
@@ -227,7 +228,7 @@ def test_an_address_is_compared_as_what_a_connection_to_it_reaches(address: str,
                                                                    reaches: str | None) -> None:
     # The config refuses 0.0.0.0 as written; a name may still resolve to it (an /etc/hosts
     # line, a DNS answer), and then it is the loopback it reaches.
-    assert guard._normal_ip(address) == reaches
+    assert sameserver.normal_ip(address) == reaches
 
 
 def test_three_entries_for_one_server_are_one_group() -> None:
@@ -251,8 +252,9 @@ def test_resolving_is_bounded_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
     # A resolver that hangs cannot be produced on loopback, so this one test stands in a
     # getaddrinfo that never answers: the guard must give up at its deadline.
     release = threading.Event()
-    monkeypatch.setattr(guard.socket, "getaddrinfo", lambda *a, **k: release.wait(60) and [])
-    monkeypatch.setattr(guard, "RESOLVE_TIMEOUT", 0.2)
+    monkeypatch.setattr(sameserver.socket, "getaddrinfo",
+                        lambda *a, **k: release.wait(60) and [])
+    monkeypatch.setattr(sameserver, "RESOLVE_TIMEOUT", 0.2)
     cfg = config([{"name": "web1", "url": "http://slow.example:9001"},
                   {"name": "web2", "url": "http://127.0.0.1:9002"}])
     started = time.monotonic()

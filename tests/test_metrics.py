@@ -10,8 +10,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from balancer import admin
+from balancer.appview import AppView
 from balancer.backend import Backend
 from balancer.config import GuardConfig, parse_config
+from balancer.guard import GuardReport
 from balancer.metrics import build_registry, render
 from balancer.monitor import Monitor
 from balancer.pool import NoBackend, Pool
@@ -27,6 +30,10 @@ CONTRACT = [
 ]
 
 
+async def _never(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("reading metrics never reloads nor applies a change")
+
+
 def make_app(clock: Clock, **pool: Any) -> SimpleNamespace:
     cfg = parse_config({"pools": {"web": {
         "backends": [{"url": f"http://127.0.0.1:{9000 + i}", "name": f"b{i}"} for i in range(3)],
@@ -34,8 +41,13 @@ def make_app(clock: Clock, **pool: Any) -> SimpleNamespace:
     pc = cfg.pools["web"]
     pools = {"web": Pool(pc, [Backend(b, "web", pc.max_connections) for b in pc.backends],
                          clock=clock)}
-    return SimpleNamespace(config=cfg, pools=pools, reloads={"applied": 2, "refused": 1},
-                           started_at=1.0)
+    app = SimpleNamespace(config=cfg, config_path="<test>", pools=pools, report=GuardReport(),
+                          state=None, reloads={"applied": 2, "refused": 1}, rollbacks=0,
+                          reload_events=[], probation=None, config_text=None,
+                          config_sha256=None, config_applied_at=None, started_at=1.0,
+                          reload=_never, apply_change=_never)
+    assert isinstance(app, AppView)  # what the metrics read, no getattr fallback
+    return app
 
 
 def scrape(app: Any, monitor: Monitor | None = None) -> dict[tuple[str, tuple], float]:
@@ -94,6 +106,25 @@ def test_counts_classes_latency_errors_and_state() -> None:
     assert m[("balancer_backend_weight", lbl(pool="web", backend="b0"))] == 1
     assert m[("balancer_config_reloads_total", lbl(result="applied"))] == 2
     assert m[("balancer_config_reloads_total", lbl(result="refused"))] == 1
+
+
+def test_scraping_changes_no_state(caplog: pytest.LogCaptureFixture) -> None:
+    """Reading /metrics or /status judges panic without recording it: the pool's state, its
+    log and its waiters are the request path's and the monitor's tick's, never a reader's."""
+    clock = Clock()
+    app = make_app(clock)
+    pool = app.pools["web"]
+    pool.backends[0].healthy = pool.backends[1].healthy = False  # 1 of 3: panic, not yet seen
+    before = (pool.panic, pool._checked_at)
+    with caplog.at_level("WARNING", logger="balancer.pool"):
+        m = scrape(app, Monitor())
+        doc = admin.status(app, Monitor())
+    assert m[("balancer_pool_panic", lbl(pool="web"))] == 1  # judged now…
+    assert doc["pools"]["web"]["panic"] is True
+    assert (pool.panic, pool._checked_at) == before  # …and not recorded
+    assert caplog.records == []
+    pool.state_changed()  # the writer (the monitor's tick) records it, and says so once
+    assert pool.panic and "panic" in caplog.text
 
 
 async def test_rejections_panic_and_concentration() -> None:

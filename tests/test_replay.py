@@ -21,7 +21,8 @@ import aiohttp
 import pytest
 
 from balancer import accesslog
-from balancer.config import ConfigError, parse_config
+from balancer.config import ConfigError
+from balancer.loading import parse_config
 from balancer.replay import run
 from balancer.replaylog import LogReader
 from tests.support.net import name_app, run_app

@@ -25,7 +25,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from balancer.config import ConfigError, parse_config
+from balancer.config import ConfigError
+from balancer.loading import parse_config
 from tests.support.certs import Pair, issue, make_ca, self_signed
 from tests.support.hardening import ParsingBackend, parsing_backend, record
 from tests.support.net import free_port, name_app

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.config import ConfigError, parse_config
+from balancer.config import ConfigError
+from balancer.loading import parse_config
 from balancer.strategies import PickContext
 from balancer.strategies.consistent_hash import ConsistentHash
 from tests.strategies.support import make_backends, make_pool, make_strategy

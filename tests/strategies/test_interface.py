@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.config import ConfigError, parse_config
+from balancer.config import ConfigError
+from balancer.loading import parse_config
 from balancer.strategies import PickContext, resolve_strategy
 from tests.strategies.support import (
     BUILT_IN,

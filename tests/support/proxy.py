@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from balancer.backend import Backend
-from balancer.config import parse_config
+from balancer.loading import parse_config
 from balancer.pool import Pool
 from balancer.proxy import ProxySettings, ProxyState, protocol_factory
 from balancer.router import Router

@@ -19,7 +19,7 @@ import sys
 import uvloop
 
 from balancer.backend import Backend
-from balancer.config import load_config
+from balancer.loading import load_config
 from balancer.logs import setup_logging
 from balancer.pool import Pool
 from balancer.proxy import ProxySettings, ProxyState, protocol_factory
