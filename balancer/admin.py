@@ -28,7 +28,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from importlib import resources
 from typing import Any
 
@@ -278,25 +278,12 @@ async def handle_reload(request: web.Request) -> web.Response:
     if outcome is None:
         return web.json_response(doc)
     if not wait:
-        doc["probation"] = _iso_times(app.probation)
+        doc["probation"] = running(app)["probation"]
         return web.json_response(doc)
     end = await asyncio.shield(outcome)
-    doc.update(result=end["result"], reason=end.get("reason"), at=_iso(end["at"]))
+    doc.update(result=end["result"], reason=end.get("reason"), at=iso(end["at"]))
     status = {"kept": 200, "rolled_back": 409, "superseded": 200}.get(end["result"], 503)
     return web.json_response(doc, status=status)
-
-
-def _iso(t: float | None) -> str | None:
-    """Unix time → ``2026-12-04T14:05:03Z``."""
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _iso_times(doc: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if doc is None:
-        return None
-    return {**doc, "until": _iso(doc.get("until"))}
 
 
 def _authorize(request: web.Request, app: AppView) -> web.Response | None:
