@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from balancer import __version__
 from balancer.backend import Backend
 from balancer.config import Address, Config, ConfigError
-from balancer.fleet import Fleet
+from balancer.fleet import Fleet, Plan
 from balancer.loading import Refused, check_file, describe_pools, share_diff, top_share
 from balancer.pool import Pool
 from balancer.probation import TICK, Finding, Probation
@@ -211,10 +211,11 @@ class App:
                 return self._refused([f"{self.config_path}: {type(exc).__name__}: {exc}"], "")
 
             config, report = new.config, new.report
+            plan = await asyncio.to_thread(self.fleet.prepare, config)  # the costly part
             diff = share_diff(self.report, report)
             old = self.config
             probation = self._begin_probation(config)
-            gone = self._apply(config)
+            gone = self._apply(plan)
             self.report = report
             self.running = new
             self._rolled_back, self._told_rolled_back = [], []  # a new file: judged afresh
@@ -255,8 +256,9 @@ class App:
                                 "earlier (%s); still serving the previous one",
                                 describe_pools(config))
                 return False
+            plan = await asyncio.to_thread(self.fleet.prepare, config)
             probation = self._begin_probation(config)
-            gone = self._apply(config)
+            gone = self._apply(plan)
             self.report = report
             self.running = replace(self.running, config=config, report=report, at=time.time())
             self._event("applied", "DNS discovery change")
@@ -329,8 +331,11 @@ class App:
             if p.over or self._draining:
                 return
             previous = p.previous
+            plan = await asyncio.to_thread(self.fleet.prepare, previous.config)
+            if p.over or self._draining:  # only a drain can start meanwhile (we hold the lock)
+                return
             undone = self.config
-            gone = self._apply(previous.config)
+            gone = self._apply(plan)
             self.report = previous.report
             self.running = replace(previous, at=time.time())
             self.rollbacks += 1
@@ -390,9 +395,11 @@ class App:
         _log_lines(logging.INFO, diff, "shares now → in the refused config:")
         return ReloadResult(False, list(problems), diff)
 
-    def _apply(self, config: Config) -> list[Backend]:
-        """Swap in ``config``; returns the backends it removed. No await: atomic on the loop."""
-        gone = self.fleet.apply(config)
+    def _apply(self, plan: Plan) -> list[Backend]:
+        """Swap in ``plan`` (built off the loop by ``Fleet.prepare``); returns the backends it
+        removed. No await and no heavy work: atomic on the loop, and short."""
+        config = plan.config
+        gone = self.fleet.apply(plan)
         self.config = config
         self.state.router = Router(config.routes, self.pools)
         self.state.settings = _proxy_settings(config)

@@ -1,20 +1,32 @@
 """The live Pool and Backend objects, rebuilt for each config while keeping what stays.
 
-A reload or a rollback hands the fleet a new config; ``apply`` builds the pools for it in one
-synchronous step (no await, so the event loop never runs a request against half of it). A
-server that stays keeps its Backend object (health, counters, pooled connections), a pool that
-stays keeps its Pool object; a removed backend drains and ``retire`` closes its upstream
-connections once its last request is done.
+A reload, a rollback or a discovery change goes in two steps. ``prepare`` does everything
+costly — the strategies' tables and cycles (``Pool.prepare``) and the TLS contexts to
+``https://`` backends — in a worker thread, from the config alone, while the loop serves.
+``apply`` then swaps the new pools in, in one synchronous step with no heavy work (no await,
+so the event loop never runs a request against half of it). A server that stays keeps its
+Backend object (health, counters, pooled connections), a pool that stays keeps its Pool
+object; a removed backend drains and ``retire`` closes its upstream connections once its last
+request is done. A kept backend whose ``backend_tls`` changed gets a new connection pool, and
+the old one is retired the same way, so the next connection uses the new settings.
+
+Nothing ``prepare`` hands over can go stale: it reads no live object, and each prepared build
+names the (url, weight) members it was made for; a strategy given a build made for other
+members (a change applied in between: the app runs them one at a time under its reload lock,
+so it does not happen there) builds its own on the spot, correct and merely slower.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 from balancer.backend import Backend, backend_key
 from balancer.config import Config
-from balancer.pool import Pool
+from balancer.pool import Pool, PreparedPool
+from balancer.tls import TlsError, connect_options
 
 log = logging.getLogger("balancer.app")
 
@@ -25,6 +37,14 @@ BackendSlot = tuple[str, tuple[str, str, int], int]
 """(pool, (scheme, host, port), n): the n-th entry for that server in that pool (normally 0)."""
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A config and the costly parts of applying it, built ahead by ``Fleet.prepare``."""
+
+    config: Config
+    pools: dict[str, PreparedPool] = field(default_factory=dict)
+
+
 class Fleet:
     """Every pool's Backend objects, kept across configs by their slot."""
 
@@ -33,9 +53,26 @@ class Fleet:
         self.pools: dict[str, Pool] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
-    def apply(self, config: Config) -> list[Backend]:
-        """Build ``self.pools`` for ``config``, reusing the Backend and Pool objects that stay;
-        returns the backends it removed (now draining)."""
+    @staticmethod
+    def prepare(config: Config) -> Plan:
+        """Build what applying ``config`` needs, off the event loop (blocking: call it in a
+        worker thread). Reads the config only, never the live objects."""
+        pools = {name: Pool.prepare(pool) for name, pool in config.pools.items()}
+        for pool in config.pools.values():
+            for backend in pool.backends:
+                try:  # tls.backend_context keeps one SSLContext per setting: load it now
+                    connect_options(backend)
+                except TlsError:  # the CA file changed since the check: said at connect time
+                    pass
+        return Plan(config, pools)
+
+    def apply(self, plan: Plan | Config) -> list[Backend]:
+        """Build ``self.pools`` for the plan's config, reusing the Backend and Pool objects
+        that stay; returns the backends it removed (now draining). A bare Config (at start,
+        before serving) is built here."""
+        if isinstance(plan, Config):
+            plan = Plan(plan)
+        config = plan.config
         old = self._backends
         kept: dict[BackendSlot, Backend] = {}
         pools: dict[str, Pool] = {}
@@ -49,14 +86,18 @@ class Fleet:
                 if backend is None:
                     backend = Backend(backend_cfg, name, pool_cfg.max_connections)
                 else:
+                    tls_changed = backend.config.tls != backend_cfg.tls
                     backend.reconfigure(backend_cfg, pool_cfg.max_connections)
+                    if tls_changed:
+                        self._renew_connections(backend)
                 kept[slot] = backend
                 members.append(backend)
+            prepared = plan.pools.get(name, (None, None))
             pool = self.pools.get(name)
             if pool is None:
-                pool = Pool(pool_cfg, members)
+                pool = Pool(pool_cfg, members, prepared=prepared)
             else:
-                pool.update(pool_cfg, members)
+                pool.update(pool_cfg, members, prepared)
             pools[name] = pool
         gone = [b for slot, b in old.items() if slot not in kept]
         for backend in gone:
@@ -65,17 +106,34 @@ class Fleet:
         self.pools = pools
         return gone
 
+    def _renew_connections(self, backend: Backend) -> None:
+        """``backend_tls`` changed for a kept backend: its next connection must use the new
+        SSL context and name, not a pooled one made with the old. New requests get a new
+        connection pool, built the way the request path builds one (its own type, from the
+        backend); the old pool closes its idle connections now and its busy ones when their
+        request ends (``UpstreamPool.close``)."""
+        conns: Any = backend.connections
+        if conns is None:  # never connected: the first connection is made with the new settings
+            return
+        backend.connections = type(conns)(backend)
+        self._spawn(close_connections(conns, backend.url))
+        log.info("backend %s/%s (%s): backend_tls changed: new connections use it",
+                 backend.pool, backend.name, backend.url)
+
     def retire(self, backend: Backend) -> None:
         """Close a removed backend's upstream connections once its last request is done."""
 
         async def retire() -> None:
             while backend.in_flight > 0:
                 await asyncio.sleep(POLL)
-            await close_upstream(backend)
+            await close_connections(backend.connections, backend.url)
             log.info("backend %s/%s (%s) removed: connections closed",
                      backend.pool, backend.name, backend.url)
 
-        task = asyncio.get_running_loop().create_task(retire())
+        self._spawn(retire())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -85,14 +143,14 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         backends = {id(b): b for pool in self.pools.values() for b in pool.backends}
-        await asyncio.gather(*(close_upstream(b) for b in backends.values()),
-                             return_exceptions=True)
+        await asyncio.gather(*(close_connections(b.connections, b.url)
+                               for b in backends.values()), return_exceptions=True)
 
 
-async def close_upstream(backend: Backend) -> None:
-    conns = backend.connections
+async def close_connections(conns: Any, url: str) -> None:
+    """Close an upstream connection pool (balancer/upstream.py), if there is one."""
     if conns is not None:
         try:
             await conns.close()
         except Exception:
-            log.exception("closing connections to %s failed", backend.url)
+            log.exception("closing connections to %s failed", url)

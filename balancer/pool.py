@@ -20,9 +20,12 @@ from typing import Callable, Collection, Iterable
 
 from balancer.backend import Backend
 from balancer.config import PoolConfig
-from balancer.strategies import PickContext, Strategy, build_strategy
+from balancer.strategies import PickContext, Prepared, Strategy, build_strategy, prepare_strategy
 
 log = logging.getLogger("balancer.pool")
+
+#: ``Pool.prepare``'s result: prepared builds of the primary and the backup strategy.
+PreparedPool = tuple[Prepared | None, Prepared | None]
 
 #: How long the pool trusts its summary of backend availability before recounting (seconds).
 STATE_TTL = 0.1
@@ -54,7 +57,8 @@ class Pool:
 
     def __init__(self, config: PoolConfig, backends: Iterable[Backend],
                  rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 prepared: PreparedPool = (None, None)) -> None:
         self.rng = rng or random.Random()
         self.clock = clock
         # Requests waiting for a backend below its max_connections, oldest first.
@@ -65,21 +69,33 @@ class Pool:
         # Why DNS discovery keeps this pool's last good set (the guard refused the new one);
         # None when it does not. Exported as balancer_pool_concentrated (balancer/discovery.py).
         self.discovery_refused: str | None = None
-        self.update(config, backends)
+        self.update(config, backends, prepared)
 
     # --- membership ----------------------------------------------------------------------
 
-    def update(self, config: PoolConfig, backends: Iterable[Backend]) -> None:
+    @staticmethod
+    def prepare(config: PoolConfig) -> PreparedPool:
+        """The costly part of building the strategies for ``config``'s backends, from the
+        config alone (their url and weight), so a reload does it in a worker thread."""
+        primary = tuple((b.url, b.weight) for b in config.backends if b.active)
+        backup = tuple((b.url, b.weight) for b in config.backends if b.weight > 0 and b.backup)
+        return (prepare_strategy(config.strategy, primary),
+                prepare_strategy(config.strategy, backup) if backup else None)
+
+    def update(self, config: PoolConfig, backends: Iterable[Backend],
+               prepared: PreparedPool = (None, None)) -> None:
         """Take a new backend set (reload, discovery) while traffic flows.
 
-        The strategies are rebuilt, then swapped in by plain assignment: a request in the
-        middle of a pick keeps the old objects, the next one sees the new ones.
+        The strategies are rebuilt (cheaply, from ``prepare``'s work when the fleet did it
+        ahead), then swapped in by plain assignment: a request in the middle of a pick keeps
+        the old objects, the next one sees the new ones.
         """
         members = list(backends)
         primary = [b for b in members if b.weight > 0 and not b.backup]
         backup = [b for b in members if b.weight > 0 and b.backup]
-        strategy = build_strategy(config.strategy, primary, self.rng)
-        backup_strategy = build_strategy(config.strategy, backup, self.rng) if backup else None
+        strategy = build_strategy(config.strategy, primary, self.rng, prepared[0])
+        backup_strategy = (build_strategy(config.strategy, backup, self.rng, prepared[1])
+                           if backup else None)
         self.config = config
         self.name = config.name
         self.backends: tuple[Backend, ...] = tuple(members)

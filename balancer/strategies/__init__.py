@@ -13,9 +13,10 @@ from typing import Sequence
 
 from balancer.backend import Backend
 from balancer.config import StrategyConfig
-from balancer.strategies.base import PickContext, Strategy
+from balancer.strategies.base import Members, PickContext, Prepared, Strategy
 
-__all__ = ["STRATEGIES", "PickContext", "Strategy", "build_strategy", "resolve_strategy"]
+__all__ = ["STRATEGIES", "PickContext", "Prepared", "Strategy", "build_strategy",
+           "prepare_strategy", "resolve_strategy"]
 
 STRATEGIES: dict[str, str] = {
     "round_robin": "balancer.strategies.round_robin:RoundRobin",
@@ -54,6 +55,17 @@ def resolve_strategy(name: str) -> type[Strategy]:
 
 
 def build_strategy(config: StrategyConfig, backends: Sequence[Backend],
-                   rng: random.Random | None = None) -> Strategy:
-    """Resolve and build ``config`` over ``backends`` (the caller passes weight > 0 only)."""
-    return resolve_strategy(config.name).build(backends, config.options, rng)
+                   rng: random.Random | None = None, prepared: Prepared | None = None
+                   ) -> Strategy:
+    """Resolve and build ``config`` over ``backends`` (the caller passes weight > 0 only),
+    from ``prepare_strategy``'s work for them when given."""
+    cls = resolve_strategy(config.name)
+    if prepared is None:  # a plug-in may override build() with the three-argument form
+        return cls.build(backends, config.options, rng)
+    return cls.build(backends, config.options, rng, prepared)
+
+
+def prepare_strategy(config: StrategyConfig, members: Members) -> Prepared | None:
+    """The costly part of building ``config`` over ``members`` ((url, weight) each, in the
+    order the backends will be passed), done ahead: blocking, for a worker thread."""
+    return resolve_strategy(config.name).prepare(members, config.options)

@@ -8,6 +8,7 @@ does I/O, and the guard's simulation drives exactly the objects the live proxy d
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 from balancer.backend import Backend
@@ -49,12 +50,33 @@ class PickContext:
         return self._cookies.get(name)
 
 
+#: What a strategy's build depends on, per backend in order: (url, weight).
+Members = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The costly part of a build (``Strategy.precompute``), done ahead for ``members``."""
+
+    members: Members
+    data: Any
+
+
+def members_of(backends: Sequence[Backend]) -> Members:
+    return tuple((b.url, b.weight) for b in backends)
+
+
 class Strategy:
     """Chooses among a pool's backends. Does no I/O and knows nothing about health.
 
     Subclasses set ``name``, may override ``validate_options`` and ``__init__`` (calling
     super), and implement ``candidates``. Stateful strategies read live load from the
     backends themselves (``in_flight``, ``ewma``), which the pool keeps up to date.
+
+    A strategy whose build is costly (a hash table, a long cycle) puts that work in
+    ``precompute``, a pure function of the members' (url, weight): a reload runs it in a
+    worker thread (``prepare``) and hands the result to the constructor as ``prepared``, so
+    the event loop only wraps it (balancer/fleet.py).
     """
 
     name: ClassVar[str] = ""
@@ -62,16 +84,40 @@ class Strategy:
     options_allowed: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, backends: Sequence[Backend], options: Mapping[str, Any],
-                 rng: random.Random) -> None:
+                 rng: random.Random, prepared: Prepared | None = None) -> None:
         self.backends: tuple[Backend, ...] = tuple(backends)
         self.options = options
         self.rng = rng
 
     @classmethod
     def build(cls, backends: Sequence[Backend], options: Mapping[str, Any] | None = None,
-              rng: random.Random | None = None) -> Strategy:
-        """A strategy over ``backends`` (weight > 0 only); ``rng`` seeds any randomness."""
-        return cls(backends, options or {}, rng or random.Random())
+              rng: random.Random | None = None, prepared: Prepared | None = None) -> Strategy:
+        """A strategy over ``backends`` (weight > 0 only); ``rng`` seeds any randomness;
+        ``prepared`` is ``prepare``'s result for them (passed on only when there is one, so
+        a plug-in whose constructor takes three arguments keeps working)."""
+        if prepared is None:
+            return cls(backends, options or {}, rng or random.Random())
+        return cls(backends, options or {}, rng or random.Random(), prepared=prepared)
+
+    @classmethod
+    def precompute(cls, members: Members, options: Mapping[str, Any]) -> Any:
+        """The costly, pure part of a build over ``members``; None: nothing worth doing ahead.
+        Must not touch live objects: it runs in a worker thread while requests are served."""
+        return None
+
+    @classmethod
+    def prepare(cls, members: Members, options: Mapping[str, Any]) -> Prepared | None:
+        """``precompute`` ahead of the build, off the event loop (blocking)."""
+        data = cls.precompute(members, options)
+        return None if data is None else Prepared(members, data)
+
+    def precomputed(self, prepared: Prepared | None) -> Any:
+        """``prepared``'s data if it was made for exactly these backends, else computed now
+        (a build without a reload, or a plan overtaken by another change)."""
+        members = members_of(self.backends)
+        if prepared is not None and prepared.members == members:
+            return prepared.data
+        return self.precompute(members, self.options)
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> list[str]:

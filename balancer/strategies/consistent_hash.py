@@ -34,7 +34,7 @@ from hashlib import blake2b
 from typing import Any
 
 from balancer.backend import Backend
-from balancer.strategies.base import PickContext, Strategy
+from balancer.strategies.base import Members, PickContext, Prepared, Strategy
 
 #: Slots in the table for small pools, and the most table work (slots × backends) at build
 #: time; beyond it the table shrinks (by powers of two, to ``MIN_SLOTS``) as pools grow.
@@ -99,21 +99,25 @@ class ConsistentHash(Strategy):
     options_allowed = frozenset({"key", "balance_factor"})
 
     def __init__(self, backends: Sequence[Backend], options: Mapping[str, Any],
-                 rng: random.Random) -> None:
+                 rng: random.Random, prepared: Prepared | None = None) -> None:
         super().__init__(backends, options, rng)
         self.key_kind, self.key_name = self.parse_key(options.get("key", "client_ip"))
         factor = options.get("balance_factor")
         self.balance_factor: float | None = None if factor is None else float(factor)
-        n = len(self.backends)
-        # Built over the backends sorted by URL, so listing order in the config moves nothing.
-        order = sorted(range(n), key=lambda k: (self.backends[k].url, k))
-        self._size = table_size(n)
+        self._owner, self._runner = self.precomputed(prepared)
+        self._size = table_size(len(self.backends))
         self._mask = self._size - 1
-        owner, runner = build_table([self.backends[k].url for k in order],
-                                    [self.backends[k].weight for k in order], self._size)
-        self._owner = [order[k] for k in owner]
-        self._runner = [order[k] for k in runner]
         self._total_weight = sum(b.weight for b in self.backends)
+
+    @classmethod
+    def precompute(cls, members: Members, options: Mapping[str, Any]) -> Any:
+        """The slot table (owner, runner-up: indices into ``members``): the costly part."""
+        n = len(members)
+        # Built over the backends sorted by URL, so listing order in the config moves nothing.
+        order = sorted(range(n), key=lambda k: (members[k][0], k))
+        owner, runner = build_table([members[k][0] for k in order],
+                                    [members[k][1] for k in order], table_size(n))
+        return [order[k] for k in owner], [order[k] for k in runner]
 
     # --- options -------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from balancer.backend import Backend
-from balancer.strategies.base import PickContext
-from balancer.strategies.weights import SmoothCycle, WeightedStrategy
+from balancer.strategies.base import PickContext, Prepared
+from balancer.strategies.weights import WeightedStrategy
 
 
 class LeastConnections(WeightedStrategy):
@@ -28,10 +28,11 @@ class LeastConnections(WeightedStrategy):
 
     name = "least_connections"
 
+    cycled = True
+
     def __init__(self, backends: Sequence[Backend], options: Mapping[str, Any],
-                 rng: random.Random) -> None:
-        super().__init__(backends, options, rng)
-        self._cycle = SmoothCycle(self.weighted.weights, rng)
+                 rng: random.Random, prepared: Prepared | None = None) -> None:
+        super().__init__(backends, options, rng, prepared)
         # Twice round, so a scan from any start is one contiguous range of indices.
         self._ring = self.backends + self.backends
 
@@ -40,7 +41,7 @@ class LeastConnections(WeightedStrategy):
         if not n:
             return
         ring = self._ring
-        start = self._cycle.next()
+        start = self.cycle.next()
         best = ring[start]
         best_i = start
         # Compare in_flight/weight exactly, by cross-multiplying integers.

@@ -6,13 +6,11 @@ Weights 5:1:1 give a a b a c a a, not a a a a a b c. The cycle is computed once 
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator
 
 from balancer.backend import Backend
 from balancer.strategies.base import PickContext
-from balancer.strategies.weights import SmoothCycle, WeightedStrategy, smooth_cycle
+from balancer.strategies.weights import WeightedStrategy, smooth_cycle
 
 __all__ = ["RoundRobin", "smooth_cycle"]
 
@@ -23,14 +21,11 @@ class RoundRobin(WeightedStrategy):
 
     name = "round_robin"
 
-    def __init__(self, backends: Sequence[Backend], options: Mapping[str, Any],
-                 rng: random.Random) -> None:
-        super().__init__(backends, options, rng)
-        self._cycle = SmoothCycle(self.weighted.weights, rng)
+    cycled = True
 
     def candidates(self, ctx: PickContext) -> Iterator[Backend]:
         if not self.backends:
             return
-        first = self._cycle.next()
+        first = self.cycle.next()
         yield self.backends[first]
         yield from self.others(first)

@@ -15,10 +15,10 @@ import random
 from bisect import bisect_right
 from collections.abc import Container, Iterator, Mapping, Sequence
 from itertools import accumulate
-from typing import Any
+from typing import Any, ClassVar
 
 from balancer.backend import Backend
-from balancer.strategies.base import Strategy
+from balancer.strategies.base import Members, Prepared, Strategy
 
 #: Most work (cycle length × backends) spent precomputing a smooth cycle at build time; beyond
 #: it (huge co-prime weights over many backends) each step runs nginx's O(n) step instead.
@@ -92,6 +92,11 @@ def smooth_cycle(weights: Sequence[int], length: int) -> list[int]:
     return out
 
 
+def _reduced(weights: Sequence[int]) -> list[int]:
+    g = math.gcd(*weights) if weights else 1
+    return [w // g for w in weights]
+
+
 class SmoothCycle:
     """nginx's smooth weighted round robin: 5:1:1 gives a a b a c a a, interleaved, not bursts.
 
@@ -101,23 +106,31 @@ class SmoothCycle:
 
     __slots__ = ("_current", "_cycle", "_len", "_pos", "_total", "_weights")
 
-    def __init__(self, weights: Sequence[int], rng: random.Random) -> None:
-        g = math.gcd(*weights) if weights else 1
-        reduced = [w // g for w in weights]
+    def __init__(self, weights: Sequence[int], rng: random.Random,
+                 cycle: list[int] | None = None) -> None:
+        """``cycle``: ``SmoothCycle.precompute(weights)``, when done ahead (off the loop)."""
+        reduced = _reduced(weights)
         length = sum(reduced)
         self._weights = reduced
         self._total = length
         self._current = [0] * len(reduced)
-        self._cycle: list[int] | None = None
+        self._cycle = cycle if cycle is not None else self.precompute(weights)
         self._len = length
-        if length and length * len(reduced) <= MAX_CYCLE_WORK:
-            self._cycle = smooth_cycle(reduced, length)
         # Start at a random point of the cycle so that many proxies (or workers) do not move in
         # lockstep and send their first requests to the same backend.
         self._pos = rng.randrange(length) if length else 0
         if self._cycle is None:
             for _ in range(self._pos % 1024):
                 self._step()
+
+    @staticmethod
+    def precompute(weights: Sequence[int]) -> list[int] | None:
+        """The whole cycle for ``weights``, or None when it is too much work to keep."""
+        reduced = _reduced(weights)
+        length = sum(reduced)
+        if length and length * len(reduced) <= MAX_CYCLE_WORK:
+            return smooth_cycle(reduced, length)
+        return None
 
     def next(self) -> int:
         """The next index of the cycle (n ≥ 1)."""
@@ -138,12 +151,23 @@ class SmoothCycle:
 
 
 class WeightedStrategy(Strategy):
-    """A strategy over ``self.weighted`` (its backends' weights, index for index)."""
+    """A strategy over ``self.weighted`` (its backends' weights, index for index); with
+    ``cycled`` set, also a smooth weighted round robin over them (``self.cycle``), whose
+    precomputed cycle is the costly part of the build."""
+
+    #: Keeps ``self.cycle`` (round robin, least connections' tie-break).
+    cycled: ClassVar[bool] = False
 
     def __init__(self, backends: Sequence[Backend], options: Mapping[str, Any],
-                 rng: random.Random) -> None:
+                 rng: random.Random, prepared: Prepared | None = None) -> None:
         super().__init__(backends, options, rng)
         self.weighted = Weights([b.weight for b in self.backends])
+        if self.cycled:
+            self.cycle = SmoothCycle(self.weighted.weights, rng, self.precomputed(prepared))
+
+    @classmethod
+    def precompute(cls, members: Members, options: Mapping[str, Any]) -> Any:
+        return SmoothCycle.precompute([w for _, w in members]) if cls.cycled else None
 
     def others(self, *skip: int) -> Iterator[Backend]:
         """The backends not in ``skip``, in weighted random order: the fallbacks. A backend

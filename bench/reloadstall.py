@@ -1,0 +1,177 @@
+"""The event loop's longest stall while a reload rebuilds a 16-backend consistent_hash pool.
+
+    python bench/reloadstall.py [--src DIR ...] [--reloads N] [--connections C]
+
+For each checkout (``--src``, default this one) a child interpreter runs the real ``App`` of
+that checkout's ``balancer`` package on uvloop, as ``balancer run`` does: one
+``consistent_hash`` pool of 16 backends (``fastbackend.py``, another process), access log off.
+``pyload.py`` (another process) keeps C keep-alive connections busy through it, while a probe
+on the proxy's loop sleeps 1 ms at a time and records how late it wakes: the longest wait is
+the longest stretch in which the loop ran no request's callbacks. The probe's figure is taken
+over a quiet second of load first (the baseline), then over each reload — from the file
+change to ``reload()``'s return, plus 100 ms — which moves one backend's weight between 1 and
+2, so the table is rebuilt every time. Checkouts run one after the other on the same machine;
+every process stops by itself (time budget) and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BACKENDS = 16
+PROBE = 0.001  # seconds between probe wake-ups
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def config_text(port: int, admin: int, backends: list[int], heavy: int) -> str:
+    lines = [f'listen: "127.0.0.1:{port}"', f'admin: "127.0.0.1:{admin}"', "access_log: false",
+             "pools:", "  web:", "    strategy: consistent_hash", "    backends:"]
+    for i, p in enumerate(backends):
+        weight = 2 if i == heavy else 1
+        lines.append(f'      - {{name: b{i}, url: "http://127.0.0.1:{p}", weight: {weight}}}')
+    return "\n".join(lines) + "\n"
+
+
+class Probe:
+    """Sleeps ``PROBE`` at a time on the loop; ``worst`` is the longest lateness seen since
+    the last ``reset`` (seconds)."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.running = True
+
+    def reset(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.running:
+            start = loop.time()
+            await asyncio.sleep(PROBE)
+            late = loop.time() - start - PROBE
+            if late > self.worst:
+                self.worst = late
+
+
+async def measure(reloads: int, connections: int) -> dict[str, Any]:
+    from balancer.app import App  # the checkout on PYTHONPATH
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    ports = free_ports(BACKENDS + 2)
+    port, admin, backends = ports[0], ports[1], ports[2:]
+    with tempfile.TemporaryDirectory(prefix="reloadstall-") as tmp:
+        path = Path(tmp) / "balancer.yaml"
+        path.write_text(config_text(port, admin, backends, heavy=-1), encoding="utf-8")
+        backend = subprocess.Popen([sys.executable, str(HERE / "fastbackend.py"),
+                                    *map(str, backends)], stdout=subprocess.PIPE)
+        load: asyncio.subprocess.Process | None = None
+        app = None
+        try:
+            assert backend.stdout is not None and b"ready" in backend.stdout.readline()
+            app = App(str(path))
+            await app.start()
+            probe = Probe()
+            loop = asyncio.get_running_loop()
+            probe_task = loop.create_task(probe.run())
+            budget = 3.0 + reloads * 1.5
+            load = await asyncio.create_subprocess_exec(
+                sys.executable, str(HERE / "pyload.py"), f"http://127.0.0.1:{port}/",
+                "-c", str(connections), "-d", str(budget), stdout=subprocess.PIPE)
+            await asyncio.sleep(1.0)  # connections open, pools warm
+            probe.reset()
+            await asyncio.sleep(1.0)
+            baseline = probe.reset()
+            stalls, took = [], []
+            for i in range(reloads):
+                path.write_text(config_text(port, admin, backends, heavy=i % BACKENDS),
+                                encoding="utf-8")
+                probe.reset()
+                t0 = time.perf_counter()
+                result = await app.reload()
+                took.append(time.perf_counter() - t0)
+                if not result.applied:
+                    raise SystemExit(f"reload refused: {result.problems}")
+                await asyncio.sleep(0.1)
+                stalls.append(probe.reset())
+                await asyncio.sleep(0.3)
+            probe.running = False
+            await probe_task
+            out, _ = await asyncio.wait_for(load.communicate(), budget + 10)
+            traffic = json.loads(out)
+        finally:
+            if load is not None and load.returncode is None:
+                load.kill()
+            if app is not None:
+                await app.drain(1.0)
+            backend.send_signal(signal.SIGTERM)
+            backend.wait(10)
+    return {"baseline_ms": baseline * 1000, "stalls_ms": [s * 1000 for s in stalls],
+            "reload_ms": [t * 1000 for t in took], "rps": traffic["rps"],
+            "errors": traffic["errors"] + traffic["non2xx"]}
+
+
+def child(args: argparse.Namespace) -> None:
+    import uvloop
+
+    result = uvloop.run(measure(args.reloads, args.connections))
+    print(json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--src", action="append", help="a checkout whose balancer/ to measure "
+                    "(repeatable; default: this one)")
+    ap.add_argument("--reloads", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    print(f"{BACKENDS}-backend consistent_hash pool, {args.connections} connections of load, "
+          f"{args.reloads} reloads (a weight change each)")
+    print("| checkout | loop stall, quiet (ms) | loop stall per reload: median / worst (ms) "
+          "| reload() wall time, median (ms) | requests/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for src in args.src or [str(HERE.parent)]:
+        env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
+        proc = subprocess.run([sys.executable, __file__, "--child", "--reloads",
+                               str(args.reloads), "--connections", str(args.connections)],
+                              env=env, capture_output=True, text=True,
+                              timeout=120 + args.reloads * 10)
+        if proc.returncode != 0:
+            print(f"{src}: failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"| {src} | {r['baseline_ms']:.1f} | {statistics.median(r['stalls_ms']):.1f} / "
+              f"{max(r['stalls_ms']):.1f} | {statistics.median(r['reload_ms']):.0f} | "
+              f"{r['rps']:,.0f} | {r['errors']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
