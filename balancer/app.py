@@ -25,7 +25,14 @@ from balancer import __version__
 from balancer.backend import Backend
 from balancer.config import Address, Config, ConfigError
 from balancer.fleet import Fleet, Plan
-from balancer.loading import Refused, check_file, describe_pools, share_diff, top_share
+from balancer.loading import (
+    Refused,
+    check_file,
+    describe_pools,
+    listener_tls,
+    share_diff,
+    top_share,
+)
 from balancer.pool import Pool
 from balancer.probation import TICK, Finding, Probation
 from balancer.proxy import ProxySettings, ProxyState, default_max_clients, protocol_factory
@@ -103,7 +110,7 @@ class App:
         self._draining = False
         self._drained = False
         # TLS on ``listen`` (balancer/tls.py); a reload loads renewed files into it in place.
-        self.tls_context = _server_tls(self.config)
+        self.tls_context = listener_tls(self.config)
 
     @property
     def pools(self) -> dict[str, Pool]:
@@ -472,18 +479,6 @@ def _proxy_settings(config: Config) -> ProxySettings:
         header_timeout=c.header_timeout, body_timeout=c.body_timeout,
         keepalive_timeout=c.keepalive_timeout, send_timeout=c.send_timeout,
         max_clients=c.max_clients if c.max_clients is not None else default_max_clients())
-
-
-def _server_tls(config: Config) -> Any:
-    """The listener's SSLContext for ``config.tls``, or None for plain HTTP."""
-    if config.tls is None:
-        return None
-    from balancer.tls import TlsError, server_context
-
-    try:
-        return server_context(config.tls.cert, config.tls.key)
-    except TlsError as exc:  # the files changed since the config was checked
-        raise ConfigError([f"tls: {exc}"], config.source) from None
 
 
 def _log_lines(level: int, text: str, heading: str = "") -> None:

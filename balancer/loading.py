@@ -33,7 +33,7 @@ from balancer.discovery import expand
 from balancer.guard import evaluate, format_diff, simulated_top_share
 from balancer.strategies import resolve_strategy
 from balancer.strategies.consistent_hash import ConsistentHash
-from balancer.tls import check_ca_file, check_server_pair
+from balancer.tls import TlsError, check_ca_file, check_server_pair, server_context
 
 
 class PipelineChecks:
@@ -172,3 +172,13 @@ def _describe_backend(b: BackendConfig) -> str:
     if b.weight != 1:
         text += f" weight={b.weight}"
     return text + (" backup" if b.backup else "")
+
+
+def listener_tls(config: Config) -> Any:
+    """The listener's SSLContext for ``config.tls``, or None for plain HTTP."""
+    if config.tls is None:
+        return None
+    try:
+        return server_context(config.tls.cert, config.tls.key)
+    except TlsError as exc:  # the files changed since the config was checked
+        raise ConfigError([f"tls: {exc}"], config.source) from None
