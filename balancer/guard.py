@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from balancer.config import BackendConfig, Config, PoolConfig, RouteConfig
+from balancer.gil import give_way
 from balancer.sameserver import resolve_hosts, servers_of
 from balancer.simulation import SEED, Simulation, simulating
 from balancer.strategies import PickContext, resolve_strategy
@@ -281,6 +282,8 @@ def synthetic_traffic(pool: PoolConfig, routes: Sequence[RouteConfig] = (),
     extra_cookie = key[1] if key and key[0] == "cookie" else None
     out = []
     for i in range(count):
+        if not i & 255:
+            give_way()  # a reload checks in a worker thread (balancer/gil.py)
         n = rng.getrandbits(32)
         ip = (f"10.{n >> 24}.{(n >> 16) & 255}.{n & 255}" if i % 8
               else f"2001:db8::{n >> 16:x}:{n & 0xffff:x}")

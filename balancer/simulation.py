@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 from balancer.backend import Backend
 from balancer.config import PoolConfig
+from balancer.gil import give_way
 from balancer.pool import NoBackend, Pool
 from balancer.strategies import PickContext
 
@@ -22,6 +23,8 @@ __all__ = ["SEED", "Simulation", "simulating"]
 
 #: Seed for the traffic stream and the strategies' randomness: same config, same numbers.
 SEED = 20_261_127
+#: The simulation lets the event loop run every this many + 1 requests (balancer/gil.py).
+YIELD_EVERY = 127
 
 _simulating = threading.local()
 
@@ -84,6 +87,8 @@ class Simulation:
         self._begin(backend)
         self.counts[backend] += 1
         self._seq += 1
+        if not self._seq & YIELD_EVERY:
+            give_way()  # a reload simulates in a worker thread: let the serving loop run
         heapq.heappush(self.held, (self.now + hold, self._seq, backend, latency))
 
     def finish_next(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -95,6 +96,11 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             assert backend.stdout is not None and b"ready" in backend.stdout.readline()
             app = App(str(path))
             await app.start()
+            # What `balancer run` does once started (run.py _freeze_heap), so collections
+            # during a reload cost what they cost in production.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(10_000, 20, 20)
             probe = Probe()
             loop = asyncio.get_running_loop()
             probe_task = loop.create_task(probe.run())

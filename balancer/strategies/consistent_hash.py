@@ -26,6 +26,7 @@ in flight is an O(n) sum, paid only when the key's backend has requests in fligh
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -34,6 +35,7 @@ from hashlib import blake2b
 from typing import Any
 
 from balancer.backend import Backend
+from balancer.gil import give_way
 from balancer.strategies.base import Members, PickContext, Prepared, Strategy
 
 #: Slots in the table for small pools, and the most table work (slots × backends) at build
@@ -82,6 +84,8 @@ def build_table(identities: Sequence[str], weights: Sequence[int],
     for k, (ident, w) in enumerate(zip(identities, weights)):
         draw = random.Random(stable_hash(ident)).random
         for s in range(size):
+            if not s & 1023:
+                give_way()  # built in a worker thread during a reload (balancer/gil.py)
             score = -log(1.0 - draw()) / w
             if score < second[s]:
                 if score < best[s]:
@@ -90,6 +94,24 @@ def build_table(identities: Sequence[str], weights: Sequence[int],
                 else:
                     second[s], runner[s] = score, k
     return owner, runner
+
+
+@functools.lru_cache(maxsize=16)
+def slot_table(members: Members) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(owner, runner-up) per slot for ``members`` ((url, weight) pairs), as indices into it.
+
+    Remembered for the last few member sets: the guard simulates a pool dozens of times per
+    check (two passes, then two per failed backend) over the same members, and a reload then
+    builds the same table again; each build is 3-8 ms of pure Python, so without this a check
+    of a 16-backend pool spent most of its time here, holding the GIL the serving loop needs.
+    Tuples: the tables are shared, so nobody may change them.
+    """
+    n = len(members)
+    # Built over the backends sorted by URL, so listing order in the config moves nothing.
+    order = sorted(range(n), key=lambda k: (members[k][0], k))
+    owner, runner = build_table([members[k][0] for k in order],
+                                [members[k][1] for k in order], table_size(n))
+    return tuple(order[k] for k in owner), tuple(order[k] for k in runner)
 
 
 class ConsistentHash(Strategy):
@@ -112,12 +134,7 @@ class ConsistentHash(Strategy):
     @classmethod
     def precompute(cls, members: Members, options: Mapping[str, Any]) -> Any:
         """The slot table (owner, runner-up: indices into ``members``): the costly part."""
-        n = len(members)
-        # Built over the backends sorted by URL, so listing order in the config moves nothing.
-        order = sorted(range(n), key=lambda k: (members[k][0], k))
-        owner, runner = build_table([members[k][0] for k in order],
-                                    [members[k][1] for k in order], table_size(n))
-        return [order[k] for k in owner], [order[k] for k in runner]
+        return slot_table(members)
 
     # --- options -------------------------------------------------------------------------
 
