@@ -84,6 +84,7 @@ LINGER = 2.0
 TURN_AWAY_LINGER = 0.5
 #: Framing bytes allowed per chunk of a chunked body (size line, CRLFs, short extensions).
 CHUNK_OVERHEAD = 64
+TOO_MUCH_FRAMING = "chunk extensions or trailer fields too long"
 #: The largest Content-Length we forward: beyond, an int64 parser would wrap.
 MAX_LENGTH = 2**63 - 1
 
@@ -227,6 +228,8 @@ class ClientConnection(asyncio.Protocol):
         "closing", "lingering", "held", "held_size", "splice", "_pumping",
         # Limits: answers given; framing bytes and chunks of the chunked body being read
         "served", "wire", "chunks", "eof",
+        # Counters over the connection's life, for the bound on chunk framing bytes per read
+        "begun", "body_total", "chunked_heads", "chunk_base", "last_chunked",
         # What slowclients.py last saw this connection wait for, and since when
         "timer_phase", "timer_of", "timer_mark", "timer_since",
     )
@@ -250,7 +253,9 @@ class ClientConnection(asyncio.Protocol):
         self.held_size = 0
         self.splice: Exchange | None = None
         self._pumping = False
-        self.served = self.wire = self.chunks = 0
+        self.served = self.wire = self.chunks = self.begun = self.body_total = 0
+        self.chunked_heads = self.chunk_base = 0
+        self.last_chunked: Exchange | None = None
         self.eof = False  # the client half-closed: nothing more will come
         self.timer_phase = NONE
         self.timer_of: object = None
@@ -297,10 +302,15 @@ class ClientConnection(asyncio.Protocol):
             if self.lingering is not None:
                 return
             parsing = self.parsing
+            # Snapshots for the bound on framing bytes in a read where a chunked head ends.
+            begun, body0, chunks0, chunked0 = self.begun, self.body_total, self.chunks, \
+                self.chunked_heads
             if parsing is not None:
                 if not parsing.headers_done:
                     # A head split over reads: bound what httptools buffers before a field ends.
-                    end = data.find(b"\r\n\r\n")
+                    # (It may end across the reads: "...\r\n" then "\r\n<body>".)
+                    end = 0 if data[:1] == b"\n" or data[:2] == b"\r\n" else \
+                        data.find(b"\r\n\r\n")
                     self.head_raw -= len(data) if end < 0 else end
                     if self.head_raw < 0:
                         self._refuse(431, "request header fields too large")
@@ -315,17 +325,42 @@ class ClientConnection(asyncio.Protocol):
             except HttpParserError as exc:
                 self._parse_error(exc, data)
                 return
-            if (parsing is not None and parsing.chunked and self.parsing is parsing
-                    and self.wire - parsing.body_size
-                    > self.chunks * CHUNK_OVERHEAD + parsing.settings.max_header_size):
+            if self.chunked_heads != chunked0 and self._overframed(
+                    len(data), begun, body0, chunks0, chunked0):
+                return
+            ex = self.parsing
+            if (ex is not None and ex is parsing and ex.chunked and self.wire - ex.body_size
+                    > (self.chunks - self.chunk_base) * CHUNK_OVERHEAD
+                    + ex.settings.max_header_size):
                 # Extensions, zero padding or trailers with no end: none of it is forwarded.
-                self._refuse(400, "chunk extensions or trailer fields too long")
+                self._refuse(400, TOO_MUCH_FRAMING)
                 return
             self._after_feed()
         except Exception:  # a bug must cost this connection, never the proxy or its state
             log.exception("bug while serving %s; connection dropped", self.client_ip)
             if self.transport is not None:
                 self.transport.abort()
+
+    def _overframed(self, size: int, begun: int, body0: int, chunks0: int,
+                    chunked0: int) -> bool:
+        """A chunked head ended in this read of ``size`` bytes: bound the framing bytes the
+        whole read carried (heads, chunk lines, trailers) as ``data_received`` bounds later
+        reads, since where in the read the body began is unknown. True: refused."""
+        settings = self.state.settings
+        framing = size - (self.body_total - body0)
+        allowed = ((self.begun - begun + 1) * (settings.max_header_size + 64)
+                   + (self.chunked_heads - chunked0) * settings.max_header_size
+                   + (self.chunks - chunks0) * CHUNK_OVERHEAD)
+        if framing <= allowed:
+            return False
+        ex = self.last_chunked
+        if ex is None or ex is self.parsing:
+            self._refuse(400, TOO_MUCH_FRAMING)
+        else:  # parsed whole in this read, not started yet: answered 400 in its turn
+            self._stop_reading()
+            ex.refuse_late(400, TOO_MUCH_FRAMING)
+            self._pump()
+        return True
 
     def _after_feed(self) -> None:
         ex = self.current
@@ -384,6 +419,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         ex = self.parsing = Exchange(self)
+        self.begun += 1
         self.head_left = self.head_raw = ex.settings.max_header_size
 
     def on_url(self, url: bytes) -> None:
@@ -461,7 +497,10 @@ class ClientConnection(asyncio.Protocol):
             if ex.te.lower() != b"chunked":
                 _transfer_coding(ex.te)
             ex.chunked = True
-            self.wire = self.chunks = 0
+            self.wire = 0
+            self.chunk_base = self.chunks
+            self.chunked_heads += 1
+            self.last_chunked = ex
             self.head_left = ex.settings.max_header_size  # for trailer fields
         elif ex.content_length:
             limit = ex.settings.max_body_size
@@ -472,7 +511,8 @@ class ClientConnection(asyncio.Protocol):
             if ex.expect.strip().lower() != b"100-continue":
                 raise Reject(417, "only the 100-continue expectation is supported")
             ex.expect_continue = not ex.http10 and (ex.chunked or bool(ex.content_length))
-        if ex.upgrade is not None and method == b"GET" and ex.named is not None \
+        # RFC 9110 §7.8: an Upgrade in an HTTP/1.0 request is ignored (and dropped).
+        if ex.upgrade is not None and method == b"GET" and not ex.http10 and ex.named is not None \
                 and b"upgrade" in ex.named and b"websocket" in ex.upgrade.lower():
             ex.websocket = True
         # The pool is chosen now, as the request arrives: a reload cannot move it mid-flight.
@@ -522,13 +562,16 @@ class ClientConnection(asyncio.Protocol):
                 raise Reject(400, "HTTP/1.1 requests need a Host header")
         else:
             host = ex.host_raw.lower()
-            ex.host = host_without_port(host) if 0x3A in host else host  # ":"
+            ex.host = host = host_without_port(host) if 0x3A in host else host  # ":"
+            if not host:  # RFC 9110 §4.2.1, RFC 9112 §3.2: an http URI has a host
+                raise Reject(400, "empty Host")
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
         size = len(body)
         ex.body_size += size
+        self.body_total += size
         limit = ex.settings.max_body_size
         if limit is not None and ex.body_size > limit:
             raise Reject(413, f"request body larger than {limit} bytes")
@@ -703,10 +746,7 @@ class ClientConnection(asyncio.Protocol):
     def _refuse(self, status: int, detail: str) -> None:
         """Answer a request we cannot read with ``status`` after those before it, then close."""
         ex = self.parsing
-        self.parsing = None
-        self.pause(P_BUFFER)
-        if self.lingering is None:
-            self.lingering = _NOT_READING  # read no more requests
+        self._stop_reading()
         if ex is not None and ex.counted:  # queued already: refused in its body
             ex.refuse_late(status, detail)
         else:
@@ -715,6 +755,13 @@ class ClientConnection(asyncio.Protocol):
             ex.reject = (status, detail)
             self._enqueue(ex)
         self._pump()  # requests parsed before it (in this read too) are answered first
+
+    def _stop_reading(self) -> None:
+        """Read no more requests (a refusal is on its way)."""
+        self.parsing = None
+        self.pause(P_BUFFER)
+        if self.lingering is None:
+            self.lingering = _NOT_READING
 
     def timed_out(self, phase: int, limit: float) -> None:
         """``slowclients.py``: the client took longer than ``limit`` seconds in ``phase``."""
