@@ -28,27 +28,23 @@ passive ejection.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
 import time
-from collections.abc import Coroutine
-from http import HTTPStatus
+from collections.abc import Callable, Coroutine, Iterable
 from itertools import count
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from balancer import accesslog
 from balancer.backend import Backend
+from balancer.http1 import RequestHead, drop_named, error_response, status_line
 from balancer.pool import NoBackend, Pool
 from balancer.strategies import PickContext
 from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection, UpstreamPool
 
-if TYPE_CHECKING:
-    from balancer.proxy import ClientConnection
-
-__all__ = ["IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT", "Deadlines", "Exchange",
-           "Reject", "now"]
+__all__ = ["IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT", "ClientSide", "Deadlines",
+           "Exchange", "now"]
 
 log = logging.getLogger("balancer.proxy")
 
@@ -69,33 +65,11 @@ O_NONE, O_RAW, O_CHUNK = 0, 1, 2
 _RID_PREFIX = os.urandom(4).hex()
 _rid_seq = count(1)
 _SANE_RID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}").fullmatch
-# Never dropped because a Connection header names them: they frame the request.
-_PROTECTED = frozenset((b"content-length", b"host", b"upgrade"))
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-
-
-class Reject(Exception):
-    """A request we refuse to forward: answered with ``status`` and closed."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def new_request_id() -> bytes:
     """Unique per process and cheap: a random prefix and a counter."""
     return f"{_RID_PREFIX}{next(_rid_seq):08x}".encode()
-
-
-def _status_line(status: int, reason: bytes) -> bytes:
-    key = (status, reason)
-    line = _STATUS_LINES.get(key)
-    if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-        if len(_STATUS_LINES) < 1024:
-            _STATUS_LINES[key] = line
-    return line
 
 
 #: IP addresses (with a port) and ('host', port) tuples in OS error texts.
@@ -112,22 +86,6 @@ def public_detail(detail: str, backends: Any) -> str:
             if text in detail:
                 detail = detail.replace(text, f"backend #{i}")
     return _ADDRESS.sub("<address>", detail)
-
-
-def error_response(status: int, request_id: bytes, detail: str, close: bool,
-                   retry_after: int | None = None) -> bytes:
-    """A short JSON answer the proxy gives itself: what went wrong, and the request id."""
-    phrase = HTTPStatus(status).phrase
-    rid = request_id.decode("latin-1")
-    body = (json.dumps({"status": status, "error": phrase, "detail": detail,
-                        "request_id": rid}) + "\n").encode()
-    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Request-ID: {rid}\r\n")
-    if retry_after is not None:
-        head += f"Retry-After: {retry_after}\r\n"
-    if close:
-        head += "Connection: close\r\n"
-    return head.encode("latin-1") + b"\r\n" + body
 
 
 class Deadlines:
@@ -170,20 +128,47 @@ class Deadlines:
             self._handle = None
 
 
+class ClientSide(Protocol):
+    """What an Exchange needs of its client connection (``proxy.ClientConnection``): it reads
+    these and calls these, and writes none of the connection's state."""
+
+    client_ip: str
+    proto: bytes  # b"http" or b"https", for X-Forwarded-Proto
+    closing: bool  # keep-alive is over: answer with Connection: close
+    write_paused: bool  # the client reads slower than we write
+    paused: int  # reading from the client is paused (P_* bits)
+    deadlines: Deadlines
+    #: Bytes of the answer, to the client as they are (the transport's own writelines).
+    send_all: Callable[[Iterable[bytes]], object]
+
+    def send(self, data: bytes) -> None:
+        """Write to the client unless its connection is closing."""
+
+    def pause(self, why: int) -> None: ...
+
+    def resume(self, why: int) -> None: ...
+
+    def check_buffers(self) -> None:
+        """Request bytes waiting here went on: resume reading if it was paused for them."""
+
+    def start_splice(self, ex: Exchange) -> list[bytes]:
+        """``ex`` switched protocols: bytes pass through from now on; returns those held."""
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """``ex`` has answered (or failed): close, or go on with the next request."""
+
+
 class Exchange:
     """One request and its answer."""
 
     __slots__ = (
-        "conn", "settings",
-        # The request, as parsed
-        "method", "url", "target", "path", "headers", "lines", "host", "host_raw", "xff",
-        "rid_in", "rid", "te", "upgrade", "named", "expect", "http10", "keep_alive",
-        "content_length", "chunked", "expect_continue", "websocket", "headers_done",
-        "request_done", "body_size", "reject", "counted",
+        "conn", "settings", "req",
+        # The request's progress (its head is ``req``, an http1.RequestHead)
+        "request_done", "reject", "counted",
         # Request body not yet sent, and what was sent, kept for a retry while it is small
         "pending", "pending_size", "replay", "replay_size", "replayable",
         # Forwarding
-        "pool", "head", "ctx", "tried", "attempts", "backend", "backend_name", "upstream",
+        "rid", "pool", "head", "ctx", "tried", "attempts", "backend", "backend_name", "upstream",
         "sent", "stale_retry", "last_error", "last_status", "timed_out", "deadline",
         "timer_mark", "task", "started",
         # The answer
@@ -193,26 +178,14 @@ class Exchange:
         "t_start", "t_sent", "t_head",
     )
 
-    def __init__(self, conn: ClientConnection) -> None:
+    def __init__(self, conn: ClientSide, req: RequestHead, settings: Any,
+                 counted: bool = False) -> None:
         self.conn = conn
-        self.settings = conn.state.settings
-        self.method = b""
-        self.url = b""
-        self.target = self.path = b"/"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.lines: list[bytes] = []
-        self.host = b""
-        self.host_raw: bytes | None = None
-        self.xff: bytes | None = None
-        self.rid_in: bytes | None = None
-        self.te: bytes | None = None
-        self.upgrade: bytes | None = None
-        self.expect: bytes | None = None
+        self.settings = settings  # proxy.ProxySettings, as the request arrived
+        self.req = req
+        self.counted = counted  # in ProxyState.in_flight (the connection counts)
         self.rid: bytes | None = None
-        self.named: list[bytes] | None = None
-        self.http10 = self.keep_alive = self.chunked = self.expect_continue = False
-        self.websocket = self.headers_done = self.request_done = self.counted = False
-        self.content_length = self.body_size = 0
+        self.request_done = False
         self.reject: tuple[int, str] | None = None
         self.pending: list[bytes] | None = None
         self.pending_size = self.replay_size = 0
@@ -246,7 +219,7 @@ class Exchange:
     def start(self) -> None:
         """Its turn on the connection: answer it ourselves, or pick a backend and send."""
         self.started = True
-        rid = self.rid_in
+        rid = self.req.rid_in
         self.rid = rid if rid is not None and _SANE_RID(rid) else new_request_id()
         if self.reject is not None:
             self.respond_local(*self.reject)
@@ -255,38 +228,37 @@ class Exchange:
             self.respond_local(404, "no route for this host and path")
             return
         self._build_head()
-        self.ctx = PickContext(self.conn.client_ip, self.path.decode("latin-1"),
-                               self.method.decode("ascii"), self.headers)
+        self.ctx = PickContext(self.conn.client_ip, self.req.path.decode("latin-1"),
+                               self.req.method.decode("ascii"), self.req.headers)
         self._attempt()
 
     def _build_head(self) -> None:
         """The request head the backends get (the same for every attempt)."""
         conn = self.conn
         settings = self.settings
-        lines = self.lines
-        if self.named is not None:
-            named = set(self.named) - _PROTECTED
-            lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
+        lines = self.req.lines
+        if self.req.named is not None:
+            lines = drop_named(lines, self.req.named)
         ip = conn.client_ip.encode()
-        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
-        host = self.host_raw
+        parts = [self.req.method, b" ", self.req.target, b" HTTP/1.1\r\n"]
+        host = self.req.host_raw
         if host is not None:
             parts += (b"Host: ", host, b"\r\n")
         parts += lines
-        parts += (b"X-Forwarded-For: ", ip if self.xff is None else self.xff + b", " + ip,
+        parts += (b"X-Forwarded-For: ", ip if self.req.xff is None else self.req.xff + b", " + ip,
                   b"\r\nX-Forwarded-Proto: ", conn.proto, b"\r\n")
         if host is not None:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
         rid = self.rid
         assert rid is not None
         parts += (b"X-Request-ID: ", rid, b"\r\n",
-                  settings.via_request_10 if self.http10 else settings.via_request)
-        if self.chunked:
+                  settings.via_request_10 if self.req.http10 else settings.via_request)
+        if self.req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
-        if self.expect_continue:
+        if self.req.expect_continue:
             parts.append(b"Expect: 100-continue\r\n")
-        if self.websocket:
-            parts += (b"Connection: Upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")  # type: ignore
+        if self.req.websocket:
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", self.req.upgrade, b"\r\n")  # type: ignore
         parts.append(b"\r\n")
         self.head = b"".join(parts)
 
@@ -391,7 +363,7 @@ class Exchange:
     def _send(self, up: UpstreamConnection) -> None:
         """Write the head, and the body so far, to ``up``."""
         self.upstream = up
-        up.begin(self, self.method == b"HEAD")
+        up.begin(self, self.req.method == b"HEAD")
         transport = up.transport
         assert transport is not None
         conn = self.conn
@@ -437,6 +409,36 @@ class Exchange:
             self.sent = True
             self._arm_timer()
 
+    def request_body(self, body: bytes) -> None:
+        """Body bytes from the client: kept until sent, re-chunked when the request is."""
+        size = len(body)
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = []
+        if self.req.chunked:
+            pending += (b"%x\r\n" % size, body, b"\r\n")
+            size += 8
+        else:
+            pending.append(body)
+        self.pending_size += size
+
+    def request_end(self) -> None:
+        """The client sent the whole request (it goes out with the next flush)."""
+        if self.req.chunked:
+            if self.pending is None:
+                self.pending = []
+            self.pending.append(b"0\r\n\r\n")
+        self.request_done = True
+
+    def client_write_paused(self, paused: bool) -> None:
+        """The client reads slower than the backend sends (or caught up): flow control."""
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            if paused:
+                up.transport.pause_reading()
+            else:
+                up.transport.resume_reading()
+
     def _keep(self, chunks: list[bytes]) -> None:
         """Remember sent body bytes for a retry, while they fit the replay buffer."""
         if self.replayable:
@@ -467,7 +469,7 @@ class Exchange:
         assert up is not None and self.pool is not None
         self.timer_mark = up.received
         self.deadline = now() + self.pool.config.timeouts.read
-        self.conn.state.deadlines.watch(self)
+        self.conn.deadlines.watch(self)
 
     def read_deadline(self) -> None:
         """``timeouts.read`` passed: if no byte came meanwhile, give up on this backend."""
@@ -483,19 +485,20 @@ class Exchange:
     def _cancel_timer(self) -> None:
         if self.deadline:
             self.deadline = 0.0
-            self.conn.state.deadlines.forget(self)
+            self.conn.deadlines.forget(self)
 
     # --- the answer (upstream.ResponseSink) ----------------------------------------------
 
     def upstream_head(self, up: UpstreamConnection) -> None:
         status = up.status
-        if status == 101 and not self.websocket:
+        if status == 101 and not self.req.websocket:
             raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
         self.status = status
         self.t_head = now()
         settings = self.settings
-        close = not self.keep_alive or self.conn.closing or (self.websocket and status != 101)
-        parts = [_status_line(status, up.reason)]
+        req = self.req
+        close = not req.keep_alive or self.conn.closing or (req.websocket and status != 101)
+        parts = [status_line(status, up.reason)]
         parts += up.lines
         parts += (settings.via_response, b"X-Request-ID: ", self.rid, b"\r\n")  # type: ignore
         framing = up.framing
@@ -503,7 +506,7 @@ class Exchange:
             self.out_framing = O_NONE
         elif framing == LENGTH:
             self.out_framing = O_RAW
-        elif self.http10:
+        elif self.req.http10:
             self.out_framing = O_RAW  # HTTP/1.0 has no chunks: the body ends with the connection
             close = True
         else:
@@ -513,7 +516,7 @@ class Exchange:
             parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
         elif close:
             parts.append(b"Connection: close\r\n")
-        elif self.http10:
+        elif self.req.http10:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
         self.close = close
@@ -521,8 +524,8 @@ class Exchange:
         self.head_built = True
 
     def upstream_informational(self, up: UpstreamConnection) -> None:
-        if not self.http10:  # HTTP/1.0 clients do not expect 1xx
-            self.out.append(b"".join([_status_line(up.status, up.reason), *up.lines, b"\r\n"]))
+        if not self.req.http10:  # HTTP/1.0 clients do not expect 1xx
+            self.out.append(b"".join([status_line(up.status, up.reason), *up.lines, b"\r\n"]))
 
     def upstream_body(self, data: bytes) -> None:
         size = len(data)
@@ -541,7 +544,7 @@ class Exchange:
             trailers = up.trailers
             out.append(b"0\r\n" + b"".join(trailers) + b"\r\n" if trailers else b"0\r\n\r\n")
         if out:
-            self.conn.transport.writelines(out)  # type: ignore[union-attr]
+            self.conn.send_all(out)
             out.clear()
             self.committed = self.head_built
         if up.complete:
@@ -561,7 +564,7 @@ class Exchange:
             out.append(rest)
         conn = self.conn
         held = conn.start_splice(self)
-        conn.transport.writelines(out)  # type: ignore[union-attr]
+        conn.send_all(out)
         out.clear()
         self.committed = True
         if held and self.upstream is not None:
@@ -569,7 +572,7 @@ class Exchange:
 
     def upstream_raw(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.conn.transport.write(data)  # type: ignore[union-attr]
+        self.conn.send_all((data,))
 
     def client_raw(self, data: bytes) -> None:
         up = self.upstream
@@ -606,7 +609,7 @@ class Exchange:
         self.head_built = False
         backend = self.backend
         assert backend is not None and self.pool is not None
-        safe = self.method in IDEMPOTENT and self.replayable
+        safe = self.req.method in IDEMPOTENT and self.replayable
         if kind == "timeout":
             self._finish_backend(0, error=kind, latency=now() - self.t_sent)
             self.last_error = (f"backend {backend.name} did not answer within "
@@ -655,8 +658,8 @@ class Exchange:
         conn = self.conn
         if self.rid is None:
             self.rid = new_request_id()
-        close = (not self.keep_alive or conn.closing or not self.request_done
-                 or self.websocket or self.reject is not None)
+        close = (not self.req.keep_alive or conn.closing or not self.request_done
+                 or self.req.websocket or self.reject is not None)
         self.status = status
         self.close = close
         if status >= 500 and self.pool is not None:  # no backend addresses to the client
@@ -665,9 +668,7 @@ class Exchange:
                 log.info("request %s answered %d: %s", self.rid.decode("latin-1"), status,
                          detail)
                 detail = public
-        transport = conn.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(error_response(status, self.rid, detail, close, retry_after))
+        conn.send(error_response(status, self.rid, detail, close, retry_after))
         self.committed = True
         self._done()
 
@@ -708,8 +709,8 @@ class Exchange:
             self.respond_local(status, detail)
 
     def _bug(self) -> None:
-        log.exception("bug while forwarding %s %s", self.method.decode("latin-1"),
-                      self.target.decode("latin-1"))
+        log.exception("bug while forwarding %s %s", self.req.method.decode("latin-1"),
+                      self.req.target.decode("latin-1"))
         if not self.finished:
             self._give_up(500, "internal error", "protocol")
 
@@ -718,8 +719,6 @@ class Exchange:
             return
         self.finished = True
         conn = self.conn
-        if self.counted:
-            conn.state.in_flight -= 1
         if self.settings.access_log and accesslog.enabled():
             try:
                 self._log()
@@ -739,15 +738,15 @@ class Exchange:
             if recorder is not None:
                 keys = recorder(self.ctx)
         accesslog.write(
-            self.rid or b"-", self.conn.client_ip, self.method, self.url,
+            self.rid or b"-", self.conn.client_ip, self.req.method, self.req.url,
             pool.name if pool is not None else None, self.backend_name,
             499 if self.client_gone and not self.committed else self.status,
             self.t_head - self.t_sent if self.t_head else None,
-            now() - self.t_start if self.t_start else 0.0, self.bytes_out, self.host, keys)
+            now() - self.t_start if self.t_start else 0.0, self.bytes_out, self.req.host, keys)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.task = asyncio.get_running_loop().create_task(coro)
 
     def __repr__(self) -> str:
-        return (f"<Exchange {self.method.decode('latin-1')} {self.url.decode('latin-1')}"
+        return (f"<Exchange {self.req.method.decode('latin-1')} {self.req.url.decode('latin-1')}"
                 f" status={self.status}{' finished' if self.finished else ''}>")

@@ -22,13 +22,21 @@ from typing import TYPE_CHECKING, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from balancer.http1 import (
+    PLAIN_CONNECTION,
+    R_CODING,
+    R_CONNECTION,
+    R_LENGTH,
+    RESPONSE_HEADERS,
+    connection_tokens,
+    drop_named,
+)
 from balancer.tls import connect_options
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
 
-__all__ = ["BadResponse", "HeaderKinds", "PLAIN_CONNECTION", "UpstreamConnection",
-           "connection_tokens", "UpstreamPool", "ResponseSink", "IDLE_TIMEOUT",
+__all__ = ["BadResponse", "UpstreamConnection", "UpstreamPool", "ResponseSink", "IDLE_TIMEOUT",
            "MAX_IDLE"]
 
 log = logging.getLogger("balancer.upstream")
@@ -41,35 +49,6 @@ IDLE_TIMEOUT = 4.0
 
 # Response framing, as the backend sent it.
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
-
-class HeaderKinds(dict):  # type: ignore[type-arg]
-    """Header name, as spelled on the wire → what to do with it (0: pass it on).
-
-    Looked up by the exact bytes received, so the common spellings cost one dict lookup and no
-    ``lower()``; a new spelling is classified case-insensitively once and remembered.
-    """
-
-    def __init__(self, table: dict[bytes, int]) -> None:
-        super().__init__()
-        self.table = table
-
-    def __missing__(self, name: bytes) -> int:
-        kind = self.table.get(name.lower(), 0)
-        if len(self) < 4096:  # a bound against clients inventing spellings
-            self[name] = kind
-        return kind
-
-
-# Response headers that never go to the client as received: hop-by-hop ones (RFC 9110 §7.6.1),
-# the framing we redo ourselves, and the request id we set.
-R_PASS, R_DROP, R_CONNECTION, R_LENGTH, R_CODING = range(5)
-_RESPONSE_HEADERS = HeaderKinds({
-    b"connection": R_CONNECTION, b"keep-alive": R_DROP, b"proxy-connection": R_DROP,
-    b"te": R_DROP, b"trailer": R_DROP, b"transfer-encoding": R_CODING, b"upgrade": R_DROP,
-    b"proxy-authenticate": R_DROP, b"proxy-authorization": R_DROP, b"x-request-id": R_DROP,
-    b"content-length": R_LENGTH,
-})
-
 
 class BadResponse(Exception):
     """A response the proxy will not pass on (raised from a parser callback; becomes a 502)."""
@@ -108,21 +87,6 @@ class ResponseSink(Protocol):
 
     def upstream_resume(self) -> None:
         """The backend caught up."""
-
-
-#: Connection header values that name no other header (the common ones, as spelled).
-PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))
-
-
-def connection_tokens(value: bytes, named: list[bytes] | None) -> list[bytes] | None:
-    """Add the header names a Connection header lists (beyond close/keep-alive) to ``named``."""
-    for token in value.lower().split(b","):
-        token = token.strip()
-        if token and token != b"close" and token != b"keep-alive":
-            if named is None:
-                named = []
-            named.append(token)
-    return named
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -272,7 +236,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.trailers = []
             self.trailers.append(name + b": " + value + b"\r\n")
             return
-        kind = _RESPONSE_HEADERS[name]
+        kind = RESPONSE_HEADERS[name]
         if not kind:
             self.lines.append(name + b": " + value + b"\r\n")
         elif kind == R_LENGTH:
@@ -333,9 +297,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _drop_named(self) -> None:
         """Remove the headers the Connection header names (they are hop-by-hop too)."""
-        named = set(self.named or ())
-        self.lines = [line for line in self.lines
-                      if line.partition(b":")[0].lower() not in named]
+        self.lines = drop_named(self.lines, self.named or [])
 
     # --- reading -------------------------------------------------------------------------
 

@@ -1,0 +1,557 @@
+"""HTTP/1.1 as data: what a client may send, how heads are classified, our own answers. No I/O.
+
+In the spirit of h11: bytes go in (``RequestParser.feed``), records and decisions come out
+(``RequestHead``, then body bytes, to a ``RequestSink``), and a request we will not
+forward comes out as a refusal, ``Reject(status, detail)``. Sockets, timers and backends belong
+to the modules above (``proxy``, ``exchange``, ``upstream``), which only move bytes between
+their transports and this layer; so every rule here is tested without a socket.
+
+What a client may send (each refusal is our own short answer, then the connection closes):
+llhttp (strict mode, as httptools builds it) refuses bad request lines, header names and
+control bytes in values, obs-fold, bare CR/LF, ``Content-Length`` with ``Transfer-Encoding``,
+duplicate or malformed lengths and bad chunk framing; it is lenient where we are not, so we add:
+
+- ``Transfer-Encoding``: only exactly ``chunked`` (any case) is framed; trailing whitespace is
+  refused as an obfuscation (400), chunked not last or twice is 400 (RFC 9112 §6.3), another
+  coding before a final chunked is 501, and any Transfer-Encoding in HTTP/1.0 is 400 (§6.1);
+- ``Content-Length`` above 2**63-1 (llhttp takes up to 2**64-1: an int64 backend would wrap)
+  is 400, and the length is re-written in canonical digits;
+- ``Host`` (and an absolute-form authority) must be ``uri-host[:port]`` with a non-empty host
+  (RFC 9110 §4.2.1, RFC 9112 §3.2: 400); a target with a ``#fragment`` is 400 (backends
+  disagree about what it means);
+- ``Upgrade`` in an HTTP/1.0 request is ignored and dropped (RFC 9110 §7.8);
+- chunk extensions and trailer fields: llhttp skips extensions of any length and httptools
+  buffers a trailer field whole, so framing bytes beyond ``CHUNK_OVERHEAD`` per chunk plus
+  ``max_header_size`` are refused (400), also within the read where the head ends; trailers
+  count against ``max_header_size`` (431).
+
+Header values may carry obs-text (bytes 0x80-0xFF; RFC 9110 §5.5 allows them) and are passed on
+as they are. Bodies are always re-framed by the proxy from the parser's events (chunks
+re-chunked, lengths canonical), so what a backend receives parses one way only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from http import HTTPStatus
+from typing import Protocol
+
+from httptools import (
+    HttpParserError,
+    HttpParserInvalidMethodError,
+    HttpParserInvalidURLError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
+
+__all__ = ["CHUNK_OVERHEAD", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
+           "PLAIN_CONNECTION", "PROTECTED", "RESPONSE_HEADERS", "Reject", "RequestHead",
+           "RequestParser", "RequestSink", "connection_tokens", "error_response", "refusal",
+           "status_line", "transfer_coding", "valid_host"]
+
+#: Framing bytes allowed per chunk of a chunked body (size line, CRLFs, short extensions).
+CHUNK_OVERHEAD = 64
+#: The largest Content-Length we forward: beyond, an int64 parser would wrap.
+MAX_LENGTH = 2**63 - 1
+#: Request-line bytes not counted by the header budget (method, spaces, version, CRLF).
+LINE_SLACK = 64
+TOO_MUCH_FRAMING = "chunk extensions or trailer fields too long"
+
+
+class Reject(Exception):
+    """A request we refuse to forward: answered with ``status`` and closed.
+
+    ``late``: a request parsed whole in the same read, the one refused (else the one being
+    read); ``bug``: not the client's fault but ours, to be logged (the answer is a 500)."""
+
+    def __init__(self, status: int, detail: str, late: RequestHead | None = None,
+                 bug: BaseException | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.late = late
+        self.bug = bug
+
+
+# --- header tables -------------------------------------------------------------------------
+
+
+class HeaderKinds(dict):  # type: ignore[type-arg]
+    """Header name, as spelled on the wire → what to do with it (0: pass it on).
+
+    Looked up by the exact bytes received, so the common spellings cost one dict lookup and no
+    ``lower()``; a new spelling is classified case-insensitively once and remembered.
+    """
+
+    def __init__(self, table: dict[bytes, int]) -> None:
+        super().__init__()
+        self.table = table
+
+    def __missing__(self, name: bytes) -> int:
+        kind = self.table.get(name.lower(), 0)
+        if len(self) < 4096:  # a bound against peers inventing spellings
+            self[name] = kind
+        return kind
+
+
+# Request headers handled rather than copied as they are (0: copied). Hop-by-hop ones are
+# dropped (RFC 9110 §7.6.1); X-Forwarded-*, X-Request-ID and Via are set by us.
+H_PASS, H_DROP, H_HOST, H_CONNECTION, H_TE, H_UPGRADE, H_XFF, H_RID, H_EXPECT, H_LENGTH = range(10)
+_HOP_BY_HOP = (b"keep-alive", b"proxy-connection", b"te", b"trailer", b"proxy-authorization",
+               b"proxy-authenticate")
+_HANDLED = {
+    **dict.fromkeys(_HOP_BY_HOP, H_DROP),
+    b"host": H_HOST, b"connection": H_CONNECTION, b"transfer-encoding": H_TE,
+    b"upgrade": H_UPGRADE, b"x-forwarded-for": H_XFF, b"x-forwarded-proto": H_DROP,
+    b"x-forwarded-host": H_DROP, b"x-request-id": H_RID, b"expect": H_EXPECT,
+    b"content-length": H_LENGTH,
+}
+# ...and their spellings with "_" for "-" are dropped: CGI-style backends (WSGI, PHP) read
+# ``Transfer_Encoding`` or ``X_Forwarded_For`` as the real header (nginx drops them too).
+REQUEST_HEADERS = HeaderKinds({
+    **_HANDLED, **{name.replace(b"-", b"_"): H_DROP for name in _HANDLED if b"-" in name}})
+
+# Response headers that never go to the client as received: hop-by-hop ones, the framing we
+# redo ourselves, and the request id we set.
+R_PASS, R_DROP, R_CONNECTION, R_LENGTH, R_CODING = range(5)
+RESPONSE_HEADERS = HeaderKinds({
+    **dict.fromkeys(_HOP_BY_HOP, R_DROP), b"upgrade": R_DROP, b"x-request-id": R_DROP,
+    b"connection": R_CONNECTION, b"transfer-encoding": R_CODING, b"content-length": R_LENGTH,
+})
+
+#: Connection header values that name no other header (the common ones, as spelled).
+PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))
+#: Never dropped because a Connection header names them: they frame the request.
+PROTECTED = frozenset((b"content-length", b"host", b"upgrade"))
+
+
+def connection_tokens(value: bytes, named: list[bytes] | None) -> list[bytes] | None:
+    """Add the header names a Connection header lists (beyond close/keep-alive) to ``named``."""
+    for token in value.lower().split(b","):
+        token = token.strip()
+        if token and token != b"close" and token != b"keep-alive":
+            if named is None:
+                named = []
+            named.append(token)
+    return named
+
+
+def drop_named(lines: list[bytes], named: list[bytes]) -> list[bytes]:
+    """``lines`` without the headers a Connection header named (hop-by-hop too), except those
+    that frame the message (``PROTECTED``)."""
+    drop = set(named) - PROTECTED
+    return [line for line in lines if line.partition(b":")[0].lower() not in drop]
+
+
+# --- validation rules ----------------------------------------------------------------------
+
+_METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
+#: uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2): reg-name, IPv4 or an IP literal.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?").fullmatch
+#: Host values already found valid: a set lookup instead of the regex for the hosts a proxy
+#: sees again and again (bounded: clients may invent hosts).
+_GOOD_HOSTS: set[bytes] = set()
+
+
+def valid_host(value: bytes) -> bool:
+    """``uri-host[:port]`` (the emptiness of the host itself is checked by ``host_of``)."""
+    if value in _GOOD_HOSTS:
+        return True
+    if not _HOST(value):
+        return False
+    if len(_GOOD_HOSTS) < 4096:
+        _GOOD_HOSTS.add(value)
+    return True
+
+
+def host_of(raw: bytes) -> bytes:
+    """The host a Host value names, lower-cased and without its port; refused when empty
+    (RFC 9110 §4.2.1: an http URI with an empty host is invalid)."""
+    host = raw.lower()
+    if 0x3A in host:  # ":" (an int: ``bytes in bytes`` costs more, for nothing)
+        if host[:1] == b"[":
+            end = host.find(b"]")
+            host = host[:end + 1] if end >= 0 else host
+        else:
+            host = host.partition(b":")[0]
+    if not host:
+        raise Reject(400, "empty Host")
+    return host
+
+
+def transfer_coding(te: bytes) -> Reject:
+    """The refusal of a Transfer-Encoding other than exactly ``chunked``.
+
+    Trailing whitespace is an obfuscation probe (``chunked ``): 400. Chunked missing as the
+    last coding, or applied twice, leaves the body's end unknowable: 400 (RFC 9112 §6.3). A
+    well-formed list ending in chunked with other codings before it is 501: we implement only
+    chunked (RFC 9112 §6.1).
+    """
+    if te[-1:] in (b" ", b"\t") or te[:1] in (b" ", b"\t"):
+        return Reject(400, "Transfer-Encoding value with surrounding whitespace")
+    codings = [c.strip(b" \t").lower() for c in te.split(b",")]
+    if not all(_TOKEN(c.partition(b";")[0].rstrip(b" \t")) for c in codings):
+        return Reject(400, "malformed Transfer-Encoding")
+    if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        return Reject(400, "Transfer-Encoding must end in chunked, once")
+    return Reject(501, "only the chunked transfer-coding is implemented")
+
+
+def refusal(exc: HttpParserError, data: bytes) -> Reject:
+    """What to answer a request llhttp (or one of our rules, raised in a callback) refused."""
+    cause = exc.__context__
+    if isinstance(cause, Reject):
+        return cause
+    # (HttpParserUpgrade is no HttpParserError: it is the context when the bytes after an
+    # upgrade we do not proxy fail to parse, which is the client's error, not a bug.)
+    if cause is not None and not isinstance(cause, (HttpParserError, HttpParserUpgrade)):
+        return Reject(500, "internal error", bug=cause)
+    if isinstance(exc, HttpParserInvalidMethodError):
+        # A well-formed method we do not know is "not implemented"; garbage is a bad request.
+        known = _METHOD_TOKEN.match(data.lstrip(b"\r\n")[:64]) is not None
+        return Reject(501, "unknown method") if known else Reject(400, "invalid request line")
+    if isinstance(exc, HttpParserInvalidURLError):
+        return Reject(400, "invalid request target")
+    if data.lstrip(b"\r\n").startswith(b"PRI * HTTP/2.0"):
+        return Reject(505, "HTTP/2 is not supported here: speak HTTP/1.1")
+    return Reject(400, f"invalid request: {exc}")
+
+
+# --- the request ---------------------------------------------------------------------------
+
+
+class Limits(Protocol):
+    """The request limits a parser applies (``proxy.ProxySettings`` has them)."""
+
+    @property
+    def max_body_size(self) -> int | None: ...
+    @property
+    def max_url_size(self) -> int: ...
+    @property
+    def max_header_size(self) -> int: ...
+    @property
+    def max_headers(self) -> int: ...
+
+
+class SettingsSource(Protocol):
+    """Where the limits are read as each request begins (a reload swaps them)."""
+
+    @property
+    def settings(self) -> Limits: ...
+
+
+class RequestHead:
+    """One request head as parsed and checked: what routing and forwarding read."""
+
+    __slots__ = ("method", "url", "target", "path", "headers", "lines", "host", "host_raw",
+                 "xff", "rid_in", "te", "upgrade", "named", "expect", "http10", "keep_alive",
+                 "content_length", "chunked", "expect_continue", "websocket", "switch",
+                 "body_size")
+
+    def __init__(self) -> None:
+        self.method = self.url = b""
+        self.target = self.path = b"/"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.lines: list[bytes] = []  # header lines passed on as they are
+        self.host = b""
+        self.host_raw: bytes | None = None
+        self.xff: bytes | None = None
+        self.rid_in: bytes | None = None
+        self.te: bytes | None = None
+        self.upgrade: bytes | None = None
+        self.named: list[bytes] | None = None  # header names listed in Connection
+        self.expect: bytes | None = None
+        self.http10 = self.keep_alive = self.chunked = False
+        self.expect_continue = self.websocket = False
+        self.switch = False  # the parser stops after this head (an upgrade was asked)
+        self.content_length = self.body_size = 0
+
+    def __repr__(self) -> str:
+        return f"<RequestHead {self.method.decode('latin-1')} {self.url.decode('latin-1')}>"
+
+
+#: The request of an answer given before any request was read (max_clients, a bad head).
+NO_REQUEST = RequestHead()
+
+
+class RequestSink(Protocol):
+    """Receives the requests of one connection, in order (the client connection)."""
+
+    def request_head(self, head: RequestHead) -> None:
+        """A head passed every rule; its body (if any) follows."""
+
+    def request_body(self, data: bytes) -> None:
+        """Body bytes of the last head, de-chunked (``head.body_size`` counts them)."""
+
+    def request_end(self) -> None:
+        """The last head's request is complete."""
+
+
+class RequestParser:
+    """The requests of one client connection: bytes in, heads and bodies out, or a refusal.
+
+    Bounds what httptools buffers: a head split over reads (``head_raw``), header fields
+    (``head_left``), chunk framing per body (``wire``) and per read (``_overframed``).
+    """
+
+    __slots__ = ("parser", "source", "sink", "head", "in_body", "head_left", "head_raw",
+                 "wire", "chunks", "chunk_base", "begun", "body_total", "chunked_heads",
+                 "last_chunked")
+
+    def __init__(self, sink: RequestSink, source: SettingsSource) -> None:
+        self.parser = HttpRequestParser(self)
+        self.sink = sink
+        self.source = source
+        self.head: RequestHead | None = None  # from its first byte to its end
+        self.in_body = False  # from the end of its head to its end
+        self.head_left = self.head_raw = self.wire = self.chunks = self.chunk_base = 0
+        # Counters over the connection's life, for the bound on chunk framing per read.
+        self.begun = self.body_total = self.chunked_heads = 0
+        self.last_chunked: RequestHead | None = None
+
+    @property
+    def in_head(self) -> bool:
+        """A request has begun and its head is not complete."""
+        return self.head is not None and not self.in_body
+
+    def stop(self) -> None:
+        """Read no more (a refusal is on its way)."""
+        self.head = None
+        self.in_body = False
+
+    def feed(self, data: bytes) -> int:
+        """Parse ``data``: -1, or where the bytes after an upgrade start. Raises ``Reject``."""
+        head = self.head
+        in_body = self.in_body
+        if head is not None:
+            if not in_body:
+                # A head split over reads: bound what httptools buffers before a field ends.
+                # (It may end across the reads: "...\r\n" then "\r\n<body>".)
+                end = 0 if data[:1] == b"\n" or data[:2] == b"\r\n" else \
+                    data.find(b"\r\n\r\n")
+                self.head_raw -= len(data) if end < 0 else end
+                if self.head_raw < 0:
+                    raise Reject(431, "request header fields too large")
+            elif head.chunked:
+                self.wire += len(data)
+        begun, body0, chunks0, chunked0 = (self.begun, self.body_total, self.chunks,
+                                           self.chunked_heads)
+        upgrade_at = -1
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            upgrade_at = exc.args[0]
+        except HttpParserError as exc:
+            raise refusal(exc, data) from None
+        if self.chunked_heads != chunked0:
+            self._overframed(len(data), begun, body0, chunks0, chunked0)
+        if (in_body and head is not None and head is self.head and head.chunked
+                and self.wire - head.body_size > (self.chunks - self.chunk_base)
+                * CHUNK_OVERHEAD + self.source.settings.max_header_size):
+            # Extensions, zero padding or trailers with no end: none of it is forwarded.
+            raise Reject(400, TOO_MUCH_FRAMING)
+        return upgrade_at
+
+    def _overframed(self, size: int, begun: int, body0: int, chunks0: int,
+                    chunked0: int) -> None:
+        """A chunked head ended in this read of ``size`` bytes: bound the framing bytes the
+        whole read carried (heads, chunk lines, trailers) as later reads are bounded, since
+        where in the read that body began is not known."""
+        limit = self.source.settings.max_header_size
+        framing = size - (self.body_total - body0)
+        allowed = ((self.begun - begun + 1) * (limit + LINE_SLACK)
+                   + (self.chunked_heads - chunked0) * limit
+                   + (self.chunks - chunks0) * CHUNK_OVERHEAD)
+        if framing > allowed:
+            late = self.last_chunked
+            raise Reject(400, TOO_MUCH_FRAMING,
+                         late=None if late is self.head else late)
+
+    # --- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.head = RequestHead()
+        self.begun += 1
+        self.head_left = self.head_raw = self.source.settings.max_header_size
+
+    def on_url(self, url: bytes) -> None:
+        head = self.head
+        assert head is not None
+        head.url += url
+        if len(head.url) > self.source.settings.max_url_size:
+            raise Reject(414, "request target too long")
+        self.head_left -= len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        head = self.head
+        assert head is not None
+        self.head_left -= len(name) + len(value) + 4
+        if self.in_body:  # trailer fields after a chunked body: not forwarded
+            if self.head_left < 0:
+                raise Reject(431, "request trailer fields too large")
+            return
+        if self.head_left < 0:
+            raise Reject(431, "request header fields too large")
+        headers = head.headers
+        headers.append((name, value))
+        if len(headers) > self.source.settings.max_headers:
+            raise Reject(431, "too many header fields")
+        kind = REQUEST_HEADERS[name]
+        if not kind:
+            head.lines.append(name + b": " + value + b"\r\n")
+        elif kind == H_HOST:
+            if head.host_raw is not None:
+                raise Reject(400, "more than one Host header")
+            if not valid_host(value):
+                raise Reject(400, "invalid Host header")
+            head.host_raw = value
+        elif kind == H_LENGTH:
+            n = int(value)  # llhttp checked the digits and the duplicates
+            if n > MAX_LENGTH:
+                raise Reject(400, "Content-Length too large")
+            head.lines.append(b"Content-Length: %d\r\n" % n)  # canonical: no zeros, no spaces
+            head.content_length = n
+        elif kind == H_CONNECTION:
+            if value not in PLAIN_CONNECTION:
+                head.named = connection_tokens(value, head.named)
+        elif kind == H_TE:
+            head.te = value if head.te is None else head.te + b", " + value
+        elif kind == H_UPGRADE:
+            head.upgrade = value
+        elif kind == H_XFF:
+            head.xff = value if head.xff is None else head.xff + b", " + value
+        elif kind == H_RID:
+            if head.rid_in is None:
+                head.rid_in = value
+        elif kind == H_EXPECT:
+            head.expect = value
+
+    def on_headers_complete(self) -> None:
+        head = self.head
+        assert head is not None
+        parser = self.parser
+        head.keep_alive = parser.should_keep_alive()  # only valid now (BENCHMARKING.md)
+        head.method = parser.get_method()
+        settings = self.source.settings
+        check_head(head, parser.get_http_version(), settings)
+        if head.chunked:
+            self.wire = 0
+            self.chunk_base = self.chunks
+            self.chunked_heads += 1
+            self.head_left = settings.max_header_size  # for trailer fields
+            self.last_chunked = head
+        head.switch = parser.should_upgrade()
+        self.in_body = True
+        self.sink.request_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        head = self.head
+        assert head is not None
+        head.body_size += len(body)
+        self.body_total += len(body)
+        limit = self.source.settings.max_body_size
+        if limit is not None and head.body_size > limit:
+            raise Reject(413, f"request body larger than {limit} bytes")
+        self.sink.request_body(body)
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
+
+    def on_message_complete(self) -> None:
+        self.head = None
+        self.in_body = False
+        self.sink.request_end()
+
+
+def check_head(head: RequestHead, version: str, limits: Limits) -> None:
+    """The rules a complete head must pass (raises ``Reject``); sets its framing, target and
+    what it asks for (100-continue, a WebSocket)."""
+    if version != "1.1":
+        if version != "1.0":
+            raise Reject(505, f"HTTP/{version} is not supported")
+        head.http10 = True
+    method = head.method
+    if method == b"CONNECT":
+        raise Reject(405, "CONNECT is not supported by this proxy")
+    if head.te is not None:
+        if head.http10:  # RFC 9112 §6.1: faulty framing, whatever else it says
+            raise Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if head.te.lower() != b"chunked":
+            raise transfer_coding(head.te)
+        head.chunked = True
+    elif head.content_length:
+        limit = limits.max_body_size
+        if limit is not None and head.content_length > limit:
+            raise Reject(413, f"request body larger than {limit} bytes")
+    check_target(head)
+    if head.expect is not None:
+        if head.expect.strip().lower() != b"100-continue":
+            raise Reject(417, "only the 100-continue expectation is supported")
+        head.expect_continue = not head.http10 and (head.chunked or bool(head.content_length))
+    # RFC 9110 §7.8: an Upgrade in an HTTP/1.0 request is ignored (and dropped).
+    if head.upgrade is not None and method == b"GET" and not head.http10 \
+            and head.named is not None and b"upgrade" in head.named \
+            and b"websocket" in head.upgrade.lower():
+        head.websocket = True
+
+
+def check_target(head: RequestHead) -> None:
+    """Check the request target; set what routing and forwarding use."""
+    url = head.url
+    if 0x23 in url:  # "#"
+        raise Reject(400, "a request target carries no #fragment")
+    if url[:1] == b"/":
+        head.target = head.path = url
+    elif url == b"*" and head.method == b"OPTIONS":
+        head.target, head.path = url, b"/"
+    elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+        # Absolute form: its authority replaces Host (RFC 9112 §3.2.2).
+        rest = url.partition(b"://")[2]
+        cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0),
+                  default=len(rest))
+        authority, tail = rest[:cut], rest[cut:]
+        if not authority or not _HOST(authority):
+            raise Reject(400, "invalid request target")
+        head.host_raw = authority
+        head.target = head.path = tail if tail[:1] == b"/" else b"/" + tail
+    else:
+        raise Reject(400, "invalid request target")
+    if head.host_raw is None:
+        if not head.http10:
+            raise Reject(400, "HTTP/1.1 requests need a Host header")
+    else:
+        head.host = host_of(head.host_raw)
+
+
+# --- our own answers -----------------------------------------------------------------------
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 <status> <reason>\\r\\n``, remembered for the pairs seen (bounded)."""
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[key] = line
+    return line
+
+
+def error_response(status: int, request_id: bytes, detail: str, close: bool,
+                   retry_after: int | None = None) -> bytes:
+    """A short JSON answer the proxy gives itself: what went wrong, and the request id."""
+    phrase = HTTPStatus(status).phrase
+    rid = request_id.decode("latin-1")
+    body = (json.dumps({"status": status, "error": phrase, "detail": detail,
+                        "request_id": rid}) + "\n").encode()
+    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Request-ID: {rid}\r\n")
+    if retry_after is not None:
+        head += f"Retry-After: {retry_after}\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    return head.encode("latin-1") + b"\r\n" + body
