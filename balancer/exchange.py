@@ -43,7 +43,8 @@ from balancer.pool import NoBackend, Pool
 from balancer.strategies import PickContext
 from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection, UpstreamPool
 
-__all__ = ["IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT", "ClientSide", "Deadlines",
+__all__ = ["ELSEWHERE", "GIVE_UP", "SAME", "after_failure", "IDEMPOTENT", "P_BUFFER",
+           "P_UPSTREAM", "REPLAY_LIMIT", "ClientSide", "Deadlines",
            "Exchange", "now"]
 
 log = logging.getLogger("balancer.proxy")
@@ -126,6 +127,34 @@ class Deadlines:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+#: What to do after an attempt failed, before any of its answer reached the client.
+GIVE_UP, ELSEWHERE, SAME = 0, 1, 2
+
+
+def after_failure(kind: str, *, idempotent: bool, replayable: bool, reused: bool,
+                  got_bytes: bool, stale_retried: bool, timed_out_before: bool, attempts: int,
+                  retries: int) -> int:
+    """The retry policy, as a function of what happened: ``GIVE_UP`` (answer 502/504),
+    ``ELSEWHERE`` (another backend) or ``SAME`` (a fresh connection to the same backend, not
+    counted against it).
+
+    ``kind``: ``connect`` (no connection), ``unsent`` (the connection was dead before the
+    request reached it), ``timeout`` (no answer within ``timeouts.read``), or how it broke
+    after the request went out (``reset``, ``protocol``...). ``replayable``: the body sent so
+    far is still kept; ``got_bytes``: the backend sent anything at all on this connection.
+    """
+    if kind == "unsent" and reused and not stale_retried:
+        return SAME  # a pooled connection the backend had closed meanwhile
+    if kind == "connect" or kind == "unsent":  # nothing was delivered: any method may move
+        return ELSEWHERE if replayable and attempts <= retries else GIVE_UP
+    safe = idempotent and replayable  # sent already: only what may be sent twice
+    if kind == "timeout":  # once only, so that the wait is bounded by twice timeouts.read
+        return ELSEWHERE if safe and not timed_out_before and attempts <= retries else GIVE_UP
+    if safe and reused and not got_bytes and not stale_retried:
+        return SAME  # a pooled connection the backend had closed: not the backend's failure
+    return ELSEWHERE if safe and attempts <= retries else GIVE_UP
 
 
 class ClientSide(Protocol):
@@ -352,7 +381,7 @@ class Exchange:
         self.tried += (backend,)
         self.last_error = f"{backend.name}: {detail}"
         self.last_status = 502
-        if self.attempts <= self.pool.config.retries and self.replayable:  # type: ignore
+        if self._policy("connect", None) == ELSEWHERE:
             self._attempt()
         else:
             self.respond_local(502, f"no backend of pool {self.pool.name} could be reached "  # type: ignore
@@ -457,7 +486,7 @@ class Exchange:
         """The connection was dead before the request reached it: nothing was delivered."""
         self.upstream = None
         up.close()
-        if up.reused and not self.stale_retry:
+        if self._policy("unsent", up) == SAME:
             self.stale_retry = True
             self._spawn(self._open(self.backend))  # type: ignore[arg-type]
         else:
@@ -609,32 +638,39 @@ class Exchange:
         self.head_built = False
         backend = self.backend
         assert backend is not None and self.pool is not None
-        safe = self.req.method in IDEMPOTENT and self.replayable
+        decision = self._policy(kind, up)
+        if decision == SAME:
+            self.stale_retry = True
+            self._spawn(self._open(backend))
+            return
         if kind == "timeout":
             self._finish_backend(0, error=kind, latency=now() - self.t_sent)
             self.last_error = (f"backend {backend.name} did not answer within "
                                f"{self.pool.config.timeouts.read:g}s")
             self.last_status = 504
-            if safe and not self.timed_out and self.attempts <= self.pool.config.retries:
-                self.timed_out = True  # once: a second timeout is answered (the wait is bounded)
+            if decision == ELSEWHERE:
+                self.timed_out = True
                 self.tried += (backend,)
                 self._attempt()  # another backend, or 504 when there is none (_no_backend)
                 return
             self.respond_local(504, self.last_error)
             return
-        if safe and up.reused and up.received == 0 and not self.stale_retry:
-            # A pooled connection the backend had closed: not the backend's failure.
-            self.stale_retry = True
-            self._spawn(self._open(backend))
-            return
         self._finish_backend(0, error=kind, latency=None)
         self.last_error = f"{backend.name}: {detail}"
         self.last_status = 502
-        if safe and self.attempts <= self.pool.config.retries:
+        if decision == ELSEWHERE:
             self.tried += (backend,)
             self._attempt()
             return
         self.respond_local(502, f"backend {backend.name} failed: {detail}")
+
+    def _policy(self, kind: str, up: UpstreamConnection | None) -> int:
+        """``after_failure`` for this request and the connection ``up`` it failed on."""
+        return after_failure(
+            kind, idempotent=self.req.method in IDEMPOTENT, replayable=self.replayable,
+            reused=up is not None and up.reused, got_bytes=up is not None and up.received > 0,
+            stale_retried=self.stale_retry, timed_out_before=self.timed_out,
+            attempts=self.attempts, retries=self.pool.config.retries)  # type: ignore[union-attr]
 
     # --- ending --------------------------------------------------------------------------
 
