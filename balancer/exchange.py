@@ -162,6 +162,7 @@ class ClientSide(Protocol):
     these and calls these, and writes none of the connection's state."""
 
     client_ip: str
+    client_addr: bytes  # client_ip, encoded once
     proto: bytes  # b"http" or b"https", for X-Forwarded-Proto
     closing: bool  # keep-alive is over: answer with Connection: close
     write_paused: bool  # the client reads slower than we write
@@ -268,7 +269,7 @@ class Exchange:
         lines = self.req.lines
         if self.req.named is not None:
             lines = drop_named(lines, self.req.named)
-        ip = conn.client_ip.encode()
+        ip = conn.client_addr
         parts = [self.req.method, b" ", self.req.target, b" HTTP/1.1\r\n"]
         host = self.req.host_raw
         if host is not None:
@@ -412,14 +413,14 @@ class Exchange:
             transport.writelines(parts)
         else:
             transport.write(self.head)
-        self.t_sent = now()
+        self.t_sent = t = now()
         self.sent = False
         if transport.is_closing():
             self._write_failed(up)
             return
         if self.request_done:
             self.sent = True
-            self._arm_timer()
+            self._arm_timer(t)
         if conn.paused:
             conn.check_buffers()
 
@@ -436,7 +437,7 @@ class Exchange:
             self.pending_size = 0
         if self.request_done and not self.sent:
             self.sent = True
-            self._arm_timer()
+            self._arm_timer(now())
 
     def request_body(self, body: bytes) -> None:
         """Body bytes from the client: kept until sent, re-chunked when the request is."""
@@ -492,12 +493,12 @@ class Exchange:
         else:
             self._connect_failed("connection closed before the request was sent")
 
-    def _arm_timer(self) -> None:
-        """Wait at most ``timeouts.read`` for the next bytes of the answer."""
+    def _arm_timer(self, t: float) -> None:
+        """Wait at most ``timeouts.read`` (from ``t``) for the next bytes of the answer."""
         up = self.upstream
         assert up is not None and self.pool is not None
         self.timer_mark = up.received
-        self.deadline = now() + self.pool.config.timeouts.read
+        self.deadline = t + self.pool.config.timeouts.read
         self.conn.deadlines.watch(self)
 
     def read_deadline(self) -> None:
@@ -507,7 +508,7 @@ class Exchange:
             self._cancel_timer()
             return
         if up.received != self.timer_mark:
-            self._arm_timer()  # bytes came: wait another full period from now
+            self._arm_timer(now())  # bytes came: wait another full period from now
             return
         self._broke(up, "timeout", f"no answer within {self.pool.config.timeouts.read:g}s")  # type: ignore
 

@@ -45,7 +45,7 @@ from httptools import (
     HttpRequestParser,
 )
 
-__all__ = ["CHUNK_OVERHEAD", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
+__all__ = ["BodySink", "CHUNK_OVERHEAD", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
            "PLAIN_CONNECTION", "PROTECTED", "RESPONSE_HEADERS", "Reject", "RequestHead",
            "RequestParser", "RequestSink", "connection_tokens", "error_response", "refusal",
            "status_line", "transfer_coding", "valid_host"]
@@ -150,25 +150,25 @@ _METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch
 #: uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2): reg-name, IPv4 or an IP literal.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?").fullmatch
-#: Host values already found valid: a set lookup instead of the regex for the hosts a proxy
-#: sees again and again (bounded: clients may invent hosts).
-_GOOD_HOSTS: set[bytes] = set()
+#: Host values already found valid → the host they name: a dict lookup instead of the regex
+#: for the hosts a proxy sees again and again (bounded: clients may invent hosts).
+_HOSTS: dict[bytes, bytes] = {}
 
 
 def valid_host(value: bytes) -> bool:
     """``uri-host[:port]`` (the emptiness of the host itself is checked by ``host_of``)."""
-    if value in _GOOD_HOSTS:
-        return True
-    if not _HOST(value):
-        return False
-    if len(_GOOD_HOSTS) < 4096:
-        _GOOD_HOSTS.add(value)
-    return True
+    return value in _HOSTS or _HOST(value) is not None
 
 
 def host_of(raw: bytes) -> bytes:
-    """The host a Host value names, lower-cased and without its port; refused when empty
-    (RFC 9110 §4.2.1: an http URI with an empty host is invalid)."""
+    """The host a valid Host value names, lower-cased and without its port. Refused when
+    not ``uri-host[:port]`` or when the host is empty (RFC 9110 §4.2.1: an http URI with an
+    empty host is invalid)."""
+    known = _HOSTS.get(raw)
+    if known is not None:
+        return known
+    if not _HOST(raw):
+        raise Reject(400, "invalid Host header")
     host = raw.lower()
     if 0x3A in host:  # ":" (an int: ``bytes in bytes`` costs more, for nothing)
         if host[:1] == b"[":
@@ -178,6 +178,8 @@ def host_of(raw: bytes) -> bytes:
             host = host.partition(b":")[0]
     if not host:
         raise Reject(400, "empty Host")
+    if len(_HOSTS) < 4096:
+        _HOSTS[raw] = host
     return host
 
 
@@ -276,17 +278,21 @@ class RequestHead:
 NO_REQUEST = RequestHead()
 
 
+class BodySink(Protocol):
+    """Receives one request's body (the proxy's per-request object)."""
+
+    def request_body(self, data: bytes) -> None:
+        """Body bytes, de-chunked (``head.body_size`` counts them)."""
+
+    def request_end(self) -> None:
+        """The request is complete."""
+
+
 class RequestSink(Protocol):
     """Receives the requests of one connection, in order (the client connection)."""
 
-    def request_head(self, head: RequestHead) -> None:
-        """A head passed every rule; its body (if any) follows."""
-
-    def request_body(self, data: bytes) -> None:
-        """Body bytes of the last head, de-chunked (``head.body_size`` counts them)."""
-
-    def request_end(self) -> None:
-        """The last head's request is complete."""
+    def request_head(self, head: RequestHead) -> BodySink:
+        """A head passed every rule; returns where its body (if any) goes."""
 
 
 class RequestParser:
@@ -296,7 +302,7 @@ class RequestParser:
     (``head_left``), chunk framing per body (``wire``) and per read (``_overframed``).
     """
 
-    __slots__ = ("parser", "source", "sink", "head", "in_body", "head_left", "head_raw",
+    __slots__ = ("parser", "source", "limits", "sink", "head", "body_to", "head_left", "head_raw",
                  "wire", "chunks", "chunk_base", "begun", "body_total", "chunked_heads",
                  "last_chunked")
 
@@ -304,8 +310,9 @@ class RequestParser:
         self.parser = HttpRequestParser(self)
         self.sink = sink
         self.source = source
+        self.limits = source.settings  # as the request being read began
         self.head: RequestHead | None = None  # from its first byte to its end
-        self.in_body = False  # from the end of its head to its end
+        self.body_to: BodySink | None = None  # from the end of its head to its end
         self.head_left = self.head_raw = self.wire = self.chunks = self.chunk_base = 0
         # Counters over the connection's life, for the bound on chunk framing per read.
         self.begun = self.body_total = self.chunked_heads = 0
@@ -314,17 +321,16 @@ class RequestParser:
     @property
     def in_head(self) -> bool:
         """A request has begun and its head is not complete."""
-        return self.head is not None and not self.in_body
+        return self.head is not None and self.body_to is None
 
     def stop(self) -> None:
         """Read no more (a refusal is on its way)."""
-        self.head = None
-        self.in_body = False
+        self.head = self.body_to = None
 
     def feed(self, data: bytes) -> int:
         """Parse ``data``: -1, or where the bytes after an upgrade start. Raises ``Reject``."""
         head = self.head
-        in_body = self.in_body
+        in_body = self.body_to is not None
         if head is not None:
             if not in_body:
                 # A head split over reads: bound what httptools buffers before a field ends.
@@ -349,7 +355,7 @@ class RequestParser:
             self._overframed(len(data), begun, body0, chunks0, chunked0)
         if (in_body and head is not None and head is self.head and head.chunked
                 and self.wire - head.body_size > (self.chunks - self.chunk_base)
-                * CHUNK_OVERHEAD + self.source.settings.max_header_size):
+                * CHUNK_OVERHEAD + self.limits.max_header_size):
             # Extensions, zero padding or trailers with no end: none of it is forwarded.
             raise Reject(400, TOO_MUCH_FRAMING)
         return upgrade_at
@@ -359,7 +365,7 @@ class RequestParser:
         """A chunked head ended in this read of ``size`` bytes: bound the framing bytes the
         whole read carried (heads, chunk lines, trailers) as later reads are bounded, since
         where in the read that body began is not known."""
-        limit = self.source.settings.max_header_size
+        limit = self.limits.max_header_size
         framing = size - (self.body_total - body0)
         allowed = ((self.begun - begun + 1) * (limit + LINE_SLACK)
                    + (self.chunked_heads - chunked0) * limit
@@ -374,13 +380,14 @@ class RequestParser:
     def on_message_begin(self) -> None:
         self.head = RequestHead()
         self.begun += 1
-        self.head_left = self.head_raw = self.source.settings.max_header_size
+        limits = self.limits = self.source.settings
+        self.head_left = self.head_raw = limits.max_header_size
 
     def on_url(self, url: bytes) -> None:
         head = self.head
         assert head is not None
         head.url += url
-        if len(head.url) > self.source.settings.max_url_size:
+        if len(head.url) > self.limits.max_url_size:
             raise Reject(414, "request target too long")
         self.head_left -= len(url)
 
@@ -388,7 +395,7 @@ class RequestParser:
         head = self.head
         assert head is not None
         self.head_left -= len(name) + len(value) + 4
-        if self.in_body:  # trailer fields after a chunked body: not forwarded
+        if self.body_to is not None:  # trailer fields after a chunked body: not forwarded
             if self.head_left < 0:
                 raise Reject(431, "request trailer fields too large")
             return
@@ -396,7 +403,7 @@ class RequestParser:
             raise Reject(431, "request header fields too large")
         headers = head.headers
         headers.append((name, value))
-        if len(headers) > self.source.settings.max_headers:
+        if len(headers) > self.limits.max_headers:
             raise Reject(431, "too many header fields")
         kind = REQUEST_HEADERS[name]
         if not kind:
@@ -404,9 +411,11 @@ class RequestParser:
         elif kind == H_HOST:
             if head.host_raw is not None:
                 raise Reject(400, "more than one Host header")
-            if not valid_host(value):
-                raise Reject(400, "invalid Host header")
+            host = _HOSTS.get(value)
+            if host is None:
+                host = host_of(value)
             head.host_raw = value
+            head.host = host
         elif kind == H_LENGTH:
             n = int(value)  # llhttp checked the digits and the duplicates
             if n > MAX_LENGTH:
@@ -434,7 +443,7 @@ class RequestParser:
         parser = self.parser
         head.keep_alive = parser.should_keep_alive()  # only valid now (BENCHMARKING.md)
         head.method = parser.get_method()
-        settings = self.source.settings
+        settings = self.limits
         check_head(head, parser.get_http_version(), settings)
         if head.chunked:
             self.wire = 0
@@ -443,26 +452,25 @@ class RequestParser:
             self.head_left = settings.max_header_size  # for trailer fields
             self.last_chunked = head
         head.switch = parser.should_upgrade()
-        self.in_body = True
-        self.sink.request_head(head)
+        self.body_to = self.sink.request_head(head)
 
     def on_body(self, body: bytes) -> None:
         head = self.head
         assert head is not None
         head.body_size += len(body)
         self.body_total += len(body)
-        limit = self.source.settings.max_body_size
+        limit = self.limits.max_body_size
         if limit is not None and head.body_size > limit:
             raise Reject(413, f"request body larger than {limit} bytes")
-        self.sink.request_body(body)
+        self.body_to.request_body(body)  # type: ignore[union-attr]
 
     def on_chunk_header(self) -> None:
         self.chunks += 1
 
     def on_message_complete(self) -> None:
-        self.head = None
-        self.in_body = False
-        self.sink.request_end()
+        body_to = self.body_to
+        self.head = self.body_to = None
+        body_to.request_end()  # type: ignore[union-attr]
 
 
 def check_head(head: RequestHead, version: str, limits: Limits) -> None:
@@ -515,14 +523,12 @@ def check_target(head: RequestHead) -> None:
         if not authority or not _HOST(authority):
             raise Reject(400, "invalid request target")
         head.host_raw = authority
+        head.host = host_of(authority)
         head.target = head.path = tail if tail[:1] == b"/" else b"/" + tail
     else:
         raise Reject(400, "invalid request target")
-    if head.host_raw is None:
-        if not head.http10:
-            raise Reject(400, "HTTP/1.1 requests need a Host header")
-    else:
-        head.host = host_of(head.host_raw)
+    if head.host_raw is None and not head.http10:
+        raise Reject(400, "HTTP/1.1 requests need a Host header")
 
 
 # --- our own answers -----------------------------------------------------------------------

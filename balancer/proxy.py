@@ -169,10 +169,10 @@ class ClientConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "state", "transport", "reader", "client_ip", "proto", "deadlines", "send_all",
-        # Requests: the one whose body is being read, the one answered, those waiting their
-        # turn, and one that asked for an upgrade
-        "parsing", "current", "backlog", "upgrading",
+        "state", "transport", "reader", "client_ip", "client_addr", "proto", "deadlines",
+        "send_all",
+        # Requests: the one answered, those waiting their turn, one that asked for an upgrade
+        "current", "backlog", "upgrading",
         # Flow control
         "paused", "write_paused",
         # Ending: close after the current answer; dropping what still comes; spliced bytes
@@ -186,10 +186,10 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = RequestParser(self, state)
         self.client_ip = ""
+        self.client_addr = b""  # the same, for X-Forwarded-For
         self.proto = b"http"
         self.deadlines = state.deadlines
         self.send_all: Callable[[Iterable[bytes]], object] = _no_transport
-        self.parsing: Exchange | None = None
         self.current: Exchange | None = None
         self.backlog: list[Exchange] | None = None
         self.upgrading: Exchange | None = None
@@ -212,6 +212,7 @@ class ClientConnection(asyncio.Protocol):
         self.send_all = transport.writelines  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.client_addr = self.client_ip.encode()
         if transport.get_extra_info("sslcontext") is not None:
             self.proto = b"https"
         state = self.state
@@ -281,7 +282,6 @@ class ClientConnection(asyncio.Protocol):
         if self.parsing is not None and self.lingering is None:
             self._refuse(400, "the client closed its side before the request body was complete")
             return True
-        self.parsing = None
         self.reader.stop()
         return True
 
@@ -293,7 +293,8 @@ class ClientConnection(asyncio.Protocol):
         pending = [self.current] if self.current is not None else []
         if self.backlog:
             pending.extend(self.backlog)
-        self.current = self.backlog = self.parsing = self.splice = None
+        self.current = self.backlog = self.splice = None
+        self.reader.stop()
         self.held = None
         self.send_all = _no_transport
         for ex in pending:
@@ -312,9 +313,9 @@ class ClientConnection(asyncio.Protocol):
 
     # --- http1.RequestSink ---------------------------------------------------------------
 
-    def request_head(self, head: RequestHead) -> None:
+    def request_head(self, head: RequestHead) -> Exchange:
         state = self.state
-        ex = self.parsing = Exchange(self, head, state.settings, counted=True)
+        ex = Exchange(self, head, state.settings, counted=True)
         # The pool is chosen now, as the request arrives: a reload cannot move it mid-flight.
         ex.pool = state.router.route(head.host, head.path)
         ex.t_start = now()
@@ -325,14 +326,12 @@ class ClientConnection(asyncio.Protocol):
             self.current = ex
         else:
             self._enqueue(ex)
+        return ex
 
-    def request_body(self, data: bytes) -> None:
-        self.parsing.request_body(data)  # type: ignore[union-attr]
-
-    def request_end(self) -> None:
-        ex = self.parsing
-        self.parsing = None
-        ex.request_end()  # type: ignore[union-attr]
+    @property
+    def parsing(self) -> Exchange | None:
+        """The request whose body is being read (the parser's ``body_to``)."""
+        return self.reader.body_to  # type: ignore[return-value]
 
     # --- exchange.ClientSide -------------------------------------------------------------
 
@@ -502,7 +501,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _stop_reading(self) -> None:
         """Read no more requests (a refusal is on its way)."""
-        self.parsing = None
         self.reader.stop()
         self.pause(P_BUFFER)
         if self.lingering is None:
@@ -523,11 +521,9 @@ class ClientConnection(asyncio.Protocol):
             return NONE, None, 0
         reader = self.reader
         if reader.head is not None:
-            if not reader.in_body:
+            if reader.body_to is None:
                 return HEAD, reader.head, 0
-            if self.parsing is not None:
-                return BODY, self.parsing, reader.head.body_size
-            return NONE, None, 0
+            return BODY, reader.body_to, reader.head.body_size
         if self.current is None and not self.backlog:
             return (FIRST, None, 0) if self.served == 0 else (IDLE, None, self.served)
         return NONE, None, 0

@@ -339,16 +339,17 @@ def test_fuzzed_requests_get_well_formed_answers_and_the_proxy_stays_up(stand: S
 
 
 class Recorder:
-    """An ``http1.RequestSink`` that writes down what comes out: a head as (method, target,
-    Host), then its body bytes, then "end"."""
+    """An ``http1.RequestSink`` (and BodySink) that writes down what comes out: a head as
+    (method, target, Host), then its body bytes, then "end"."""
 
     def __init__(self) -> None:
         self.events: list[object] = []
         self.last: RequestHead | None = None
 
-    def request_head(self, head: RequestHead) -> None:
+    def request_head(self, head: RequestHead) -> Recorder:
         self.last = head
         self.events.append((head.method, head.target, head.host_raw, head.chunked))
+        return self
 
     def request_body(self, data: bytes) -> None:
         if self.events and isinstance(self.events[-1], bytes):

@@ -40,13 +40,15 @@ class Source:
 
 
 class Sink:
-    """Records what the parser hands on: ("head", RequestHead), ("body", bytes), ("end",)."""
+    """A RequestSink and the BodySink of every request: records what the parser hands on,
+    ("head", RequestHead), ("body", bytes), ("end",)."""
 
     def __init__(self) -> None:
         self.events: list[tuple[object, ...]] = []
 
-    def request_head(self, head: RequestHead) -> None:
+    def request_head(self, head: RequestHead) -> Sink:
         self.events.append(("head", head))
+        return self
 
     def request_body(self, data: bytes) -> None:
         self.events.append(("body", data))
