@@ -27,38 +27,35 @@ passive ejection.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
-import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from itertools import count
 from typing import Any, Protocol
 
 from balancer import accesslog
-from balancer.backend import Backend
+from balancer.forward import (
+    ELSEWHERE,
+    GIVE_UP,
+    IDEMPOTENT,
+    P_BUFFER,
+    P_UPSTREAM,
+    REPLAY_LIMIT,
+    SAME,
+    Flow,
+    Forwarding,
+    after_failure,
+    now,
+)
 from balancer.http1 import RequestHead, drop_named, error_response, status_line
-from balancer.pool import NoBackend, Pool
 from balancer.strategies import PickContext
-from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection, UpstreamPool
+from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection
 
-__all__ = ["ELSEWHERE", "GIVE_UP", "SAME", "after_failure", "IDEMPOTENT", "P_BUFFER",
-           "P_UPSTREAM", "REPLAY_LIMIT", "ClientSide", "Deadlines",
-           "Exchange", "now"]
+__all__ = ["ELSEWHERE", "GIVE_UP", "IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT",
+           "SAME", "ClientSide", "Exchange", "after_failure", "new_request_id", "now"]
 
 log = logging.getLogger("balancer.proxy")
-
-now = time.monotonic
-
-#: Methods that may be sent twice (RFC 9110 §9.2.2).
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-#: Request body bytes kept to resend on another backend; a longer body is sent once.
-REPLAY_LIMIT = 64 * 1024
-
-# Why reading from a client is paused (a bit each; reading resumes when none is left).
-P_UPSTREAM = 1  # the backend reads the request body slower than the client sends it
-P_BUFFER = 2  # bytes wait here: a body before a backend is connected, pipelined requests
 
 # How the answer's body goes to the client.
 O_NONE, O_RAW, O_CHUNK = 0, 1, 2
@@ -89,75 +86,9 @@ def public_detail(detail: str, backends: Any) -> str:
     return _ADDRESS.sub("<address>", detail)
 
 
-class Deadlines:
-    """The read deadlines of requests waiting for a backend, checked by one periodic sweep.
-
-    Cheaper than a timer per request (a set add and discard instead of scheduling and
-    cancelling a TimerHandle, for every request); a deadline fires up to ``interval`` late.
-    """
-
-    __slots__ = ("waiting", "interval", "_handle")
-
-    def __init__(self, interval: float = 0.1) -> None:
-        self.waiting: set[Exchange] = set()
-        self.interval = interval
-        self._handle: asyncio.TimerHandle | None = None
-
-    def watch(self, ex: Exchange) -> None:
-        self.waiting.add(ex)
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
-
-    def forget(self, ex: Exchange) -> None:
-        self.waiting.discard(ex)
-
-    def _sweep(self) -> None:
-        self._handle = None
-        t = now()
-        for ex in [ex for ex in self.waiting if ex.deadline <= t]:
-            self.waiting.discard(ex)
-            try:
-                ex.read_deadline()
-            except Exception:
-                log.exception("bug while timing out %r", ex)
-        if self.waiting:
-            self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
-#: What to do after an attempt failed, before any of its answer reached the client.
-GIVE_UP, ELSEWHERE, SAME = 0, 1, 2
-
-
-def after_failure(kind: str, *, idempotent: bool, replayable: bool, reused: bool,
-                  got_bytes: bool, stale_retried: bool, timed_out_before: bool, attempts: int,
-                  retries: int) -> int:
-    """The retry policy, as a function of what happened: ``GIVE_UP`` (answer 502/504),
-    ``ELSEWHERE`` (another backend) or ``SAME`` (a fresh connection to the same backend, not
-    counted against it).
-
-    ``kind``: ``connect`` (no connection), ``unsent`` (the connection was dead before the
-    request reached it), ``timeout`` (no answer within ``timeouts.read``), or how it broke
-    after the request went out (``reset``, ``protocol``...). ``replayable``: the body sent so
-    far is still kept; ``got_bytes``: the backend sent anything at all on this connection.
-    """
-    if kind == "unsent" and reused and not stale_retried:
-        return SAME  # a pooled connection the backend had closed meanwhile
-    if kind == "connect" or kind == "unsent":  # nothing was delivered: any method may move
-        return ELSEWHERE if replayable and attempts <= retries else GIVE_UP
-    safe = idempotent and replayable  # sent already: only what may be sent twice
-    if kind == "timeout":  # once only, so that the wait is bounded by twice timeouts.read
-        return ELSEWHERE if safe and not timed_out_before and attempts <= retries else GIVE_UP
-    if safe and reused and not got_bytes and not stale_retried:
-        return SAME  # a pooled connection the backend had closed: not the backend's failure
-    return ELSEWHERE if safe and attempts <= retries else GIVE_UP
-
-
-class ClientSide(Protocol):
+class ClientSide(Flow, Protocol):
     """What an Exchange needs of its client connection (``proxy.ClientConnection``): it reads
     these and calls these, and writes none of the connection's state."""
 
@@ -165,21 +96,11 @@ class ClientSide(Protocol):
     client_addr: bytes  # client_ip, encoded once
     proto: bytes  # b"http" or b"https", for X-Forwarded-Proto
     closing: bool  # keep-alive is over: answer with Connection: close
-    write_paused: bool  # the client reads slower than we write
-    paused: int  # reading from the client is paused (P_* bits)
-    deadlines: Deadlines
     #: Bytes of the answer, to the client as they are (the transport's own writelines).
     send_all: Callable[[Iterable[bytes]], object]
 
     def send(self, data: bytes) -> None:
         """Write to the client unless its connection is closing."""
-
-    def pause(self, why: int) -> None: ...
-
-    def resume(self, why: int) -> None: ...
-
-    def check_buffers(self) -> None:
-        """Request bytes waiting here went on: resume reading if it was paused for them."""
 
     def start_splice(self, ex: Exchange) -> list[bytes]:
         """``ex`` switched protocols: bytes pass through from now on; returns those held."""
@@ -188,61 +109,36 @@ class ClientSide(Protocol):
         """``ex`` has answered (or failed): close, or go on with the next request."""
 
 
-class Exchange:
-    """One request and its answer."""
+class Exchange(Forwarding):
+    """One request and its answer (its attempts on backends: ``forward.Forwarding``)."""
 
     __slots__ = (
         "conn", "settings", "req",
         # The request's progress (its head is ``req``, an http1.RequestHead)
-        "request_done", "reject", "counted",
-        # Request body not yet sent, and what was sent, kept for a retry while it is small
-        "pending", "pending_size", "replay", "replay_size", "replayable",
-        # Forwarding
-        "rid", "pool", "head", "ctx", "tried", "attempts", "backend", "backend_name", "upstream",
-        "sent", "stale_retry", "last_error", "last_status", "timed_out", "deadline",
-        "timer_mark", "task", "started",
+        "request_done", "reject", "counted", "rid", "started",
         # The answer
         "status", "out", "out_framing", "head_built", "committed", "close", "abort",
-        "bytes_out", "finished", "client_gone",
-        # Times (monotonic seconds)
-        "t_start", "t_sent", "t_head",
+        "bytes_out", "finished", "client_gone", "t_start",
     )
+    conn: ClientSide
 
     def __init__(self, conn: ClientSide, req: RequestHead, settings: Any,
                  counted: bool = False) -> None:
+        Forwarding.__init__(self)
         self.conn = conn
         self.settings = settings  # proxy.ProxySettings, as the request arrived
         self.req = req
         self.counted = counted  # in ProxyState.in_flight (the connection counts)
         self.rid: bytes | None = None
-        self.request_done = False
+        self.request_done = self.started = False
         self.reject: tuple[int, str] | None = None
-        self.pending: list[bytes] | None = None
-        self.pending_size = self.replay_size = 0
-        self.replay: list[bytes] | None = None
-        self.replayable = True
-        self.pool: Pool | None = None
-        self.head = b""
-        self.ctx: PickContext | None = None
-        self.tried: tuple[Backend, ...] = ()
-        self.attempts = 0
-        self.backend: Backend | None = None
-        self.backend_name: str | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.sent = self.stale_retry = self.started = False
-        self.last_error = ""
-        self.last_status = 502  # the answer when no attempt is left: 504 after a timeout
-        self.timed_out = False  # an attempt got no answer within timeouts.read
-        self.deadline = 0.0  # > 0 while watched by the Deadlines sweep
-        self.timer_mark = 0
-        self.task: asyncio.Task[None] | None = None
         self.status = 0
         self.out: list[bytes] = []
         self.out_framing = O_NONE
         self.head_built = self.committed = self.close = self.abort = False
         self.finished = self.client_gone = False
         self.bytes_out = 0
-        self.t_start = self.t_sent = self.t_head = 0.0
+        self.t_start = 0.0
 
     # --- starting ------------------------------------------------------------------------
 
@@ -294,150 +190,15 @@ class Exchange:
 
     # --- choosing a backend --------------------------------------------------------------
 
-    def _attempt(self) -> None:
-        pool = self.pool
-        assert pool is not None and self.ctx is not None
-        try:
-            backend = pool.pick(self.ctx, self.tried)
-        except NoBackend as exc:
-            if exc.reason == "overload" and pool.config.queue_timeout > 0:
-                self._spawn(self._wait_for_slot())
-            else:
-                self._no_backend(exc.reason)
-            return
-        except Exception:  # a plug-in strategy's bug must cost one request, not the proxy
-            log.exception("pool %s: choosing a backend failed", pool.name)
-            self.respond_local(502, f"pool {pool.name}: choosing a backend failed")
-            return
-        pool.begin(backend)
-        self._use(backend)
 
-    async def _wait_for_slot(self) -> None:
-        """Every backend is at its max_connections: wait (bounded) for a slot."""
-        pool = self.pool
-        assert pool is not None and self.ctx is not None
-        try:
-            try:
-                backend = await pool.acquire(self.ctx, self.tried)
-            except NoBackend as exc:
-                if not self.finished:
-                    self._no_backend(exc.reason)
-                return
-            if self.finished:  # the client left while we waited
-                pool.release(backend)
-                return
-            self._use(backend)
-        except Exception:
-            self._bug()
 
-    def _no_backend(self, reason: str) -> None:
-        name = self.pool.name  # type: ignore[union-attr]
-        if self.tried and self.last_status == 504:
-            self.respond_local(504, self.last_error)
-        elif self.tried:
-            self.respond_local(502, f"no backend of pool {name} answered after "
-                                    f"{self.attempts} attempt(s); last: {self.last_error}")
-        elif reason == "overload":
-            self.respond_local(503, f"every backend of pool {name} is at its connection limit",
-                               retry_after=1)
-        else:
-            self.respond_local(503, f"no backend of pool {name} is available", retry_after=5)
 
-    def _use(self, backend: Backend) -> None:
-        """Send to ``backend`` (a slot is taken): on a pooled connection, else a new one."""
-        self.backend = backend
-        self.attempts += 1
-        if self.tried:  # a retry: counted against the backend whose failure caused it
-            self.tried[-1].retries += 1
-        upool = backend.connections
-        if upool is None:
-            upool = backend.connections = UpstreamPool(backend)
-        up = upool.get()
-        if up is not None:
-            self._send(up)
-        else:
-            self._spawn(self._open(backend))
 
-    async def _open(self, backend: Backend) -> None:
-        upool: UpstreamPool = backend.connections
-        try:
-            try:
-                up = await upool.connect(self.pool.config.timeouts.connect)  # type: ignore
-            except OSError as exc:
-                if self.backend is backend and not self.finished:
-                    self._connect_failed("connect timed out" if isinstance(exc, TimeoutError)
-                                         else f"connect failed: {exc.strerror or exc}")
-                return
-            if self.backend is not backend or self.finished:  # the client left meanwhile
-                upool.release(up, True)
-                return
-            self._send(up)
-        except Exception:
-            self._bug()
 
-    def _connect_failed(self, detail: str) -> None:
-        backend = self.backend
-        assert backend is not None
-        self._finish_backend(0, error="connect", latency=None)
-        self.tried += (backend,)
-        self.last_error = f"{backend.name}: {detail}"
-        self.last_status = 502
-        if self._policy("connect", None) == ELSEWHERE:
-            self._attempt()
-        else:
-            self.respond_local(502, f"no backend of pool {self.pool.name} could be reached "  # type: ignore
-                                    f"after {self.attempts} attempt(s); last: {self.last_error}")
 
     # --- sending -------------------------------------------------------------------------
 
-    def _send(self, up: UpstreamConnection) -> None:
-        """Write the head, and the body so far, to ``up``."""
-        self.upstream = up
-        up.begin(self, self.req.method == b"HEAD")
-        transport = up.transport
-        assert transport is not None
-        conn = self.conn
-        if conn.write_paused:
-            transport.pause_reading()
-        replay = self.replay
-        pending = self.pending
-        if replay or pending:
-            parts = [self.head]
-            if replay:
-                parts += replay
-            if pending:
-                parts += pending
-                self._keep(pending)
-                self.pending = None
-                self.pending_size = 0
-            transport.writelines(parts)
-        else:
-            transport.write(self.head)
-        self.t_sent = t = now()
-        self.sent = False
-        if transport.is_closing():
-            self._write_failed(up)
-            return
-        if self.request_done:
-            self.sent = True
-            self._arm_timer(t)
-        if conn.paused:
-            conn.check_buffers()
 
-    def flush_request(self) -> None:
-        """Send request body bytes that arrived since; note when the request is all out."""
-        up = self.upstream
-        if up is None or up.spliced:
-            return
-        pending = self.pending
-        if pending:
-            up.transport.writelines(pending)  # type: ignore[union-attr]
-            self._keep(pending)
-            self.pending = None
-            self.pending_size = 0
-        if self.request_done and not self.sent:
-            self.sent = True
-            self._arm_timer(now())
 
     def request_body(self, body: bytes) -> None:
         """Body bytes from the client: kept until sent, re-chunked when the request is."""
@@ -460,62 +221,11 @@ class Exchange:
             self.pending.append(b"0\r\n\r\n")
         self.request_done = True
 
-    def client_write_paused(self, paused: bool) -> None:
-        """The client reads slower than the backend sends (or caught up): flow control."""
-        up = self.upstream
-        if up is not None and up.transport is not None:
-            if paused:
-                up.transport.pause_reading()
-            else:
-                up.transport.resume_reading()
 
-    def _keep(self, chunks: list[bytes]) -> None:
-        """Remember sent body bytes for a retry, while they fit the replay buffer."""
-        if self.replayable:
-            size = self.replay_size + self.pending_size
-            if size > REPLAY_LIMIT:
-                self.replayable = False
-                self.replay = None
-            else:
-                self.replay_size = size
-                if self.replay is None:
-                    self.replay = list(chunks)
-                else:
-                    self.replay += chunks
 
-    def _write_failed(self, up: UpstreamConnection) -> None:
-        """The connection was dead before the request reached it: nothing was delivered."""
-        self.upstream = None
-        up.close()
-        if self._policy("unsent", up) == SAME:
-            self.stale_retry = True
-            self._spawn(self._open(self.backend))  # type: ignore[arg-type]
-        else:
-            self._connect_failed("connection closed before the request was sent")
 
-    def _arm_timer(self, t: float) -> None:
-        """Wait at most ``timeouts.read`` (from ``t``) for the next bytes of the answer."""
-        up = self.upstream
-        assert up is not None and self.pool is not None
-        self.timer_mark = up.received
-        self.deadline = t + self.pool.config.timeouts.read
-        self.conn.deadlines.watch(self)
 
-    def read_deadline(self) -> None:
-        """``timeouts.read`` passed: if no byte came meanwhile, give up on this backend."""
-        up = self.upstream
-        if up is None or self.finished:
-            self._cancel_timer()
-            return
-        if up.received != self.timer_mark:
-            self._arm_timer(now())  # bytes came: wait another full period from now
-            return
-        self._broke(up, "timeout", f"no answer within {self.pool.config.timeouts.read:g}s")  # type: ignore
 
-    def _cancel_timer(self) -> None:
-        if self.deadline:
-            self.deadline = 0.0
-            self.conn.deadlines.forget(self)
 
     # --- the answer (upstream.ResponseSink) ----------------------------------------------
 
@@ -604,91 +314,25 @@ class Exchange:
         self.bytes_out += len(data)
         self.conn.send_all((data,))
 
-    def client_raw(self, data: bytes) -> None:
-        up = self.upstream
-        if up is not None:
-            up.transport.write(data)  # type: ignore[union-attr]
 
-    def upstream_failed(self, kind: str, detail: str) -> None:
-        up = self.upstream
-        if up is not None:
-            self._broke(up, kind, detail)
 
-    def upstream_pause(self) -> None:
-        self.conn.pause(P_UPSTREAM)
 
-    def upstream_resume(self) -> None:
-        self.conn.resume(P_UPSTREAM)
 
-    def _broke(self, up: UpstreamConnection, kind: str, detail: str) -> None:
-        """The attempt on ``up`` failed: retry where safe, else answer or abort."""
-        self.upstream = None
-        up.close()
-        self._cancel_timer()
-        if up.spliced:  # a WebSocket closed by the backend: the session is over
-            self._finish_backend(101)
-            self.close = True
-            self._done()
-            return
-        if self.committed:  # the client has part of the answer: it must see it fail
-            self._finish_backend(self.status, error=kind)
-            self.abort = True
-            self._done()
-            return
-        self.out.clear()
-        self.head_built = False
-        backend = self.backend
-        assert backend is not None and self.pool is not None
-        decision = self._policy(kind, up)
-        if decision == SAME:
-            self.stale_retry = True
-            self._spawn(self._open(backend))
-            return
-        if kind == "timeout":
-            self._finish_backend(0, error=kind, latency=now() - self.t_sent)
-            self.last_error = (f"backend {backend.name} did not answer within "
-                               f"{self.pool.config.timeouts.read:g}s")
-            self.last_status = 504
-            if decision == ELSEWHERE:
-                self.timed_out = True
-                self.tried += (backend,)
-                self._attempt()  # another backend, or 504 when there is none (_no_backend)
-                return
-            self.respond_local(504, self.last_error)
-            return
-        self._finish_backend(0, error=kind, latency=None)
-        self.last_error = f"{backend.name}: {detail}"
-        self.last_status = 502
-        if decision == ELSEWHERE:
-            self.tried += (backend,)
-            self._attempt()
-            return
-        self.respond_local(502, f"backend {backend.name} failed: {detail}")
 
-    def _policy(self, kind: str, up: UpstreamConnection | None) -> int:
-        """``after_failure`` for this request and the connection ``up`` it failed on."""
-        return after_failure(
-            kind, idempotent=self.req.method in IDEMPOTENT, replayable=self.replayable,
-            reused=up is not None and up.reused, got_bytes=up is not None and up.received > 0,
-            stale_retried=self.stale_retry, timed_out_before=self.timed_out,
-            attempts=self.attempts, retries=self.pool.config.retries)  # type: ignore[union-attr]
 
     # --- ending --------------------------------------------------------------------------
 
-    def _finish_backend(self, status: int, error: str | None = None,
-                        latency: float | None | Any = ...) -> None:
-        """Tell the pool this attempt is over (exactly once per acquired backend)."""
-        backend = self.backend
-        if backend is None:
-            return
-        self.backend = None
-        self.backend_name = backend.name
-        if status == 0 and error is None:  # the client left or was refused: nothing to count
-            self.pool.release(backend)  # type: ignore[union-attr]
-            return
-        if latency is ...:
-            latency = self.t_head - self.t_sent if self.t_head else None
-        self.pool.finish(backend, status=status, latency=latency, error=error)  # type: ignore
+
+    def _end(self, close: bool = False, abort: bool = False) -> None:
+        if close:
+            self.close = True
+        if abort:
+            self.abort = True
+        self._done()
+
+    def _discard_answer(self) -> None:
+        self.out.clear()
+        self.head_built = False
 
     def respond_local(self, status: int, detail: str, retry_after: int | None = None) -> None:
         """Answer with our own short error response."""
@@ -728,12 +372,6 @@ class Exchange:
         self._finish_backend(self.status)
         self._done()
 
-    def _drop_upstream(self) -> None:
-        up = self.upstream
-        if up is not None:
-            self.upstream = None
-            up.close()
-        self._cancel_timer()
 
     def _give_up(self, status: int, detail: str, error: str | None) -> None:
         """Stop this attempt and answer ``status``, or abort when the answer has begun."""
@@ -781,8 +419,6 @@ class Exchange:
             self.t_head - self.t_sent if self.t_head else None,
             now() - self.t_start if self.t_start else 0.0, self.bytes_out, self.req.host, keys)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.task = asyncio.get_running_loop().create_task(coro)
 
     def __repr__(self) -> str:
         return (f"<Exchange {self.req.method.decode('latin-1')} {self.req.url.decode('latin-1')}"

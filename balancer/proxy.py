@@ -19,30 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import resource
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable
 
-from balancer.accesslog import KeyRecorder, digest_key
-from balancer.config import AccessLogConfig, ClientConfig
-from balancer.exchange import P_BUFFER, P_UPSTREAM, Deadlines, Exchange, new_request_id, now
+from balancer.exchange import P_BUFFER, P_UPSTREAM, Exchange, new_request_id, now
 from balancer.http1 import NO_REQUEST, Reject, RequestHead, RequestParser, error_response
-from balancer.router import Router
-from balancer.slowclients import (
-    BODY,
-    FIRST,
-    HEAD,
-    IDLE,
-    NONE,
-    SEND,
-    ClientTimer,
-    ClientTimers,
-    unacked,
-)
+from balancer.proxystate import ProxySettings, ProxyState, default_max_clients
+from balancer.slowclients import BODY, FIRST, HEAD, IDLE, NONE, SEND, ClientTimer, unacked
 
 __all__ = ["ClientConnection", "ProxySettings", "ProxyState", "default_max_clients",
            "protocol_factory"]
@@ -59,107 +42,10 @@ LINGER = 2.0
 #: The same, for a connection turned away by ``max_clients`` (it holds a descriptor meanwhile).
 TURN_AWAY_LINGER = 0.5
 
-_CLIENT = ClientConfig()
-
-
-@dataclass(frozen=True)
-class ProxySettings:
-    """Request-path settings, built once per config by the app."""
-
-    # One JSON line per request to the "balancer.access" logger: a bool, or the config's
-    # AccessLogConfig, which also says what each pool's lines record (kept as a bool after init).
-    access_log: bool | AccessLogConfig = True
-    server_name: str = "balancer"  # for Via
-    max_body_size: int | None = _CLIENT.max_body_size  # larger bodies get 413 (None: no limit)
-    max_url_size: int = _CLIENT.max_url_size  # longer request targets get 414
-    max_header_size: int = _CLIENT.max_header_size  # larger request heads get 431
-    max_headers: int = _CLIENT.max_headers  # more header fields get 431
-    # Slow and idle clients (slowclients.py), in seconds.
-    header_timeout: float = _CLIENT.header_timeout  # a whole request head
-    body_timeout: float = _CLIENT.body_timeout  # between two reads of a request body
-    keepalive_timeout: float = _CLIENT.keepalive_timeout  # idle between requests
-    send_timeout: float = _CLIENT.send_timeout  # an answer the client does not read
-    # Concurrent client connections. None: no limit here (the app passes the config's value,
-    # or half the open-files limit when the config leaves it unset).
-    max_clients: int | None = None
-
-    # Pre-built header lines (derived from the fields above).
-    via_request: bytes = field(init=False, repr=False, compare=False)
-    via_request_10: bytes = field(init=False, repr=False, compare=False)
-    via_response: bytes = field(init=False, repr=False, compare=False)
-    # Pool name → what its access lines record under "keys" (pools with nothing: absent);
-    # None when no pool records anything, so the request path pays one ``is None``.
-    access_keys: Mapping[str, KeyRecorder] | None = field(init=False, repr=False,
-                                                          compare=False)
-
-    def __post_init__(self) -> None:
-        log_config = self.access_log
-        keys: dict[str, KeyRecorder] = {}
-        if isinstance(log_config, AccessLogConfig):
-            secret = digest_key(log_config.digest_key)
-            keys = {pool: KeyRecorder(labels, secret)
-                    for pool, labels in log_config.pools.items()}
-        object.__setattr__(self, "access_log", bool(log_config))
-        object.__setattr__(self, "access_keys", MappingProxyType(keys) if keys else None)
-        name = self.server_name.strip()
-        if not name or not re.fullmatch(r"[!-~]+", name):
-            raise ValueError(f"server_name must be one visible ASCII word, got {name!r}")
-        raw = name.encode("ascii")
-        object.__setattr__(self, "via_request", b"Via: 1.1 " + raw + b"\r\n")
-        object.__setattr__(self, "via_request_10", b"Via: 1.0 " + raw + b"\r\n")
-        object.__setattr__(self, "via_response", b"Via: 1.1 " + raw + b"\r\n")
-
-
-class ProxyState:
-    """Shared by every client connection; the app swaps ``router``/``settings`` on reload
-    (one assignment each). A request reads both when it arrives and keeps them to its end."""
-
-    __slots__ = ("router", "settings", "connections", "in_flight", "draining", "deadlines",
-                 "timers", "turned_away", "_warned_full")
-
-    def __init__(self, router: Router, settings: ProxySettings) -> None:
-        self.router = router
-        self.settings = settings
-        self.connections: set[ClientConnection] = set()  # open client connections
-        self.in_flight = 0  # requests between their head and the end of their answer
-        self.draining = False
-        self.deadlines = Deadlines()  # read timeouts of requests waiting for a backend
-        self.timers = ClientTimers(self)  # slow and idle clients; ``timers.fired`` counts
-        self.turned_away = 0  # connections answered 503 because of max_clients
-        self._warned_full = 0.0
-
-    def turn_away(self, conn: ClientConnection) -> None:
-        """Count a connection refused by ``max_clients``; say so at most once a minute."""
-        self.turned_away += 1
-        t = time.monotonic()
-        if t - self._warned_full >= 60.0:
-            self._warned_full = t
-            log.warning("max_clients (%d) reached: new client connections are answered 503 "
-                        "(%d so far)", self.settings.max_clients, self.turned_away)
-
-    def begin_drain(self) -> None:
-        """Stop keep-alive: close idle client connections now, busy ones after their answer."""
-        self.draining = True
-        for conn in list(self.connections):
-            conn.drain()
-
-    def __repr__(self) -> str:
-        return (f"<ProxyState {len(self.connections)} connections, {self.in_flight} in flight"
-                f"{' draining' if self.draining else ''}>")
-
 
 def protocol_factory(state: ProxyState) -> Callable[[], asyncio.Protocol]:
     """What ``loop.create_server`` needs: a new ClientConnection per accepted socket."""
     return lambda: ClientConnection(state)
-
-
-def default_max_clients() -> int:
-    """Half the open-files limit: every client may need a backend connection too, and the
-    rest (listeners, health probes, logs) must still find a descriptor."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        return 1 << 20
-    return max(16, (soft - 64) // 2)
 
 
 class ClientConnection(asyncio.Protocol):
