@@ -1,34 +1,5 @@
-"""HTTP/1.1 as data: what a client may send, how heads are classified, our own answers. No I/O.
-
-In the spirit of h11: bytes go in (``RequestParser.feed``), records and decisions come out
-(``RequestHead``, then body bytes, to a ``RequestSink``), and a request we will not
-forward comes out as a refusal, ``Reject(status, detail)``. Sockets, timers and backends belong
-to the modules above (``proxy``, ``exchange``, ``upstream``), which only move bytes between
-their transports and this layer; so every rule here is tested without a socket.
-
-What a client may send (each refusal is our own short answer, then the connection closes):
-llhttp (strict mode, as httptools builds it) refuses bad request lines, header names and
-control bytes in values, obs-fold, bare CR/LF, ``Content-Length`` with ``Transfer-Encoding``,
-duplicate or malformed lengths and bad chunk framing; it is lenient where we are not, so we add:
-
-- ``Transfer-Encoding``: only exactly ``chunked`` (any case) is framed; trailing whitespace is
-  refused as an obfuscation (400), chunked not last or twice is 400 (RFC 9112 §6.3), another
-  coding before a final chunked is 501, and any Transfer-Encoding in HTTP/1.0 is 400 (§6.1);
-- ``Content-Length`` above 2**63-1 (llhttp takes up to 2**64-1: an int64 backend would wrap)
-  is 400, and the length is re-written in canonical digits;
-- ``Host`` (and an absolute-form authority) must be ``uri-host[:port]`` with a non-empty host
-  (RFC 9110 §4.2.1, RFC 9112 §3.2: 400); a target with a ``#fragment`` is 400 (backends
-  disagree about what it means);
-- ``Upgrade`` in an HTTP/1.0 request is ignored and dropped (RFC 9110 §7.8);
-- chunk extensions and trailer fields: llhttp skips extensions of any length and httptools
-  buffers a trailer field whole, so framing bytes beyond ``CHUNK_OVERHEAD`` per chunk plus
-  ``max_header_size`` are refused (400), also within the read where the head ends; trailers
-  count against ``max_header_size`` (431).
-
-Header values may carry obs-text (bytes 0x80-0xFF; RFC 9110 §5.5 allows them) and are passed on
-as they are. Bodies are always re-framed by the proxy from the parser's events (chunks
-re-chunked, lengths canonical), so what a backend receives parses one way only.
-"""
+"""HTTP/1.1 rules as data and functions: header tables, what a request head must be, the
+refusals (``Reject``) and our own short answers. Pure: no I/O, no parser state."""
 
 from __future__ import annotations
 
@@ -42,15 +13,14 @@ from httptools import (
     HttpParserInvalidMethodError,
     HttpParserInvalidURLError,
     HttpParserUpgrade,
-    HttpRequestParser,
 )
 
-__all__ = ["BodySink", "CHUNK_OVERHEAD", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
-           "PLAIN_CONNECTION", "PROTECTED", "RESPONSE_HEADERS", "Reject", "RequestHead",
-           "RequestParser", "RequestSink", "connection_tokens", "error_response", "refusal",
-           "status_line", "transfer_coding", "valid_host"]
+__all__ = ["CHUNK_OVERHEAD", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
+           "PLAIN_CONNECTION", "PROTECTED", "REQUEST_HEADERS", "RESPONSE_HEADERS", "Reject",
+           "RequestHead", "check_head", "check_target", "connection_tokens", "drop_named",
+           "error_response", "host_of", "refusal", "status_line", "transfer_coding",
+           "valid_host"]
 
-#: Framing bytes allowed per chunk of a chunked body (size line, CRLFs, short extensions).
 CHUNK_OVERHEAD = 64
 #: The largest Content-Length we forward: beyond, an int64 parser would wrap.
 MAX_LENGTH = 2**63 - 1
@@ -221,9 +191,6 @@ def refusal(exc: HttpParserError, data: bytes) -> Reject:
     return Reject(400, f"invalid request: {exc}")
 
 
-# --- the request ---------------------------------------------------------------------------
-
-
 class Limits(Protocol):
     """The request limits a parser applies (``proxy.ProxySettings`` has them)."""
 
@@ -235,13 +202,6 @@ class Limits(Protocol):
     def max_header_size(self) -> int: ...
     @property
     def max_headers(self) -> int: ...
-
-
-class SettingsSource(Protocol):
-    """Where the limits are read as each request begins (a reload swaps them)."""
-
-    @property
-    def settings(self) -> Limits: ...
 
 
 class RequestHead:
@@ -276,201 +236,6 @@ class RequestHead:
 
 #: The request of an answer given before any request was read (max_clients, a bad head).
 NO_REQUEST = RequestHead()
-
-
-class BodySink(Protocol):
-    """Receives one request's body (the proxy's per-request object)."""
-
-    def request_body(self, data: bytes) -> None:
-        """Body bytes, de-chunked (``head.body_size`` counts them)."""
-
-    def request_end(self) -> None:
-        """The request is complete."""
-
-
-class RequestSink(Protocol):
-    """Receives the requests of one connection, in order (the client connection)."""
-
-    def request_head(self, head: RequestHead) -> BodySink:
-        """A head passed every rule; returns where its body (if any) goes."""
-
-
-class RequestParser:
-    """The requests of one client connection: bytes in, heads and bodies out, or a refusal.
-
-    Bounds what httptools buffers: a head split over reads (``head_raw``), header fields
-    (``head_left``), chunk framing per body (``wire``) and per read (``_overframed``).
-    """
-
-    __slots__ = ("parser", "source", "limits", "sink", "head", "body_to", "head_left", "head_raw",
-                 "wire", "chunks", "chunk_base", "begun", "body_total", "chunked_heads",
-                 "last_chunked")
-
-    def __init__(self, sink: RequestSink, source: SettingsSource) -> None:
-        self.parser = HttpRequestParser(self)
-        self.sink = sink
-        self.source = source
-        self.limits = source.settings  # as the request being read began
-        self.head: RequestHead | None = None  # from its first byte to its end
-        self.body_to: BodySink | None = None  # from the end of its head to its end
-        self.head_left = self.head_raw = self.wire = self.chunks = self.chunk_base = 0
-        # Counters over the connection's life, for the bound on chunk framing per read.
-        self.begun = self.body_total = self.chunked_heads = 0
-        self.last_chunked: RequestHead | None = None
-
-    @property
-    def in_head(self) -> bool:
-        """A request has begun and its head is not complete."""
-        return self.head is not None and self.body_to is None
-
-    def stop(self) -> None:
-        """Read no more (a refusal is on its way)."""
-        self.head = self.body_to = None
-
-    def feed(self, data: bytes) -> int:
-        """Parse ``data``: -1, or where the bytes after an upgrade start. Raises ``Reject``."""
-        head = self.head
-        in_body = self.body_to is not None
-        if head is not None:
-            if not in_body:
-                # A head split over reads: bound what httptools buffers before a field ends.
-                # (It may end across the reads: "...\r\n" then "\r\n<body>".)
-                end = 0 if data[:1] == b"\n" or data[:2] == b"\r\n" else \
-                    data.find(b"\r\n\r\n")
-                self.head_raw -= len(data) if end < 0 else end
-                if self.head_raw < 0:
-                    raise Reject(431, "request header fields too large")
-            elif head.chunked:
-                self.wire += len(data)
-        begun, body0, chunks0, chunked0 = (self.begun, self.body_total, self.chunks,
-                                           self.chunked_heads)
-        upgrade_at = -1
-        try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as exc:
-            upgrade_at = exc.args[0]
-        except HttpParserError as exc:
-            raise refusal(exc, data) from None
-        if self.chunked_heads != chunked0:
-            self._overframed(len(data), begun, body0, chunks0, chunked0)
-        if (in_body and head is not None and head is self.head and head.chunked
-                and self.wire - head.body_size > (self.chunks - self.chunk_base)
-                * CHUNK_OVERHEAD + self.limits.max_header_size):
-            # Extensions, zero padding or trailers with no end: none of it is forwarded.
-            raise Reject(400, TOO_MUCH_FRAMING)
-        return upgrade_at
-
-    def _overframed(self, size: int, begun: int, body0: int, chunks0: int,
-                    chunked0: int) -> None:
-        """A chunked head ended in this read of ``size`` bytes: bound the framing bytes the
-        whole read carried (heads, chunk lines, trailers) as later reads are bounded, since
-        where in the read that body began is not known."""
-        limit = self.limits.max_header_size
-        framing = size - (self.body_total - body0)
-        allowed = ((self.begun - begun + 1) * (limit + LINE_SLACK)
-                   + (self.chunked_heads - chunked0) * limit
-                   + (self.chunks - chunks0) * CHUNK_OVERHEAD)
-        if framing > allowed:
-            late = self.last_chunked
-            raise Reject(400, TOO_MUCH_FRAMING,
-                         late=None if late is self.head else late)
-
-    # --- httptools callbacks ---------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.head = RequestHead()
-        self.begun += 1
-        limits = self.limits = self.source.settings
-        self.head_left = self.head_raw = limits.max_header_size
-
-    def on_url(self, url: bytes) -> None:
-        head = self.head
-        assert head is not None
-        head.url += url
-        if len(head.url) > self.limits.max_url_size:
-            raise Reject(414, "request target too long")
-        self.head_left -= len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        head = self.head
-        assert head is not None
-        self.head_left -= len(name) + len(value) + 4
-        if self.body_to is not None:  # trailer fields after a chunked body: not forwarded
-            if self.head_left < 0:
-                raise Reject(431, "request trailer fields too large")
-            return
-        if self.head_left < 0:
-            raise Reject(431, "request header fields too large")
-        headers = head.headers
-        headers.append((name, value))
-        if len(headers) > self.limits.max_headers:
-            raise Reject(431, "too many header fields")
-        kind = REQUEST_HEADERS[name]
-        if not kind:
-            head.lines.append(name + b": " + value + b"\r\n")
-        elif kind == H_HOST:
-            if head.host_raw is not None:
-                raise Reject(400, "more than one Host header")
-            host = _HOSTS.get(value)
-            if host is None:
-                host = host_of(value)
-            head.host_raw = value
-            head.host = host
-        elif kind == H_LENGTH:
-            n = int(value)  # llhttp checked the digits and the duplicates
-            if n > MAX_LENGTH:
-                raise Reject(400, "Content-Length too large")
-            head.lines.append(b"Content-Length: %d\r\n" % n)  # canonical: no zeros, no spaces
-            head.content_length = n
-        elif kind == H_CONNECTION:
-            if value not in PLAIN_CONNECTION:
-                head.named = connection_tokens(value, head.named)
-        elif kind == H_TE:
-            head.te = value if head.te is None else head.te + b", " + value
-        elif kind == H_UPGRADE:
-            head.upgrade = value
-        elif kind == H_XFF:
-            head.xff = value if head.xff is None else head.xff + b", " + value
-        elif kind == H_RID:
-            if head.rid_in is None:
-                head.rid_in = value
-        elif kind == H_EXPECT:
-            head.expect = value
-
-    def on_headers_complete(self) -> None:
-        head = self.head
-        assert head is not None
-        parser = self.parser
-        head.keep_alive = parser.should_keep_alive()  # only valid now (BENCHMARKING.md)
-        head.method = parser.get_method()
-        settings = self.limits
-        check_head(head, parser.get_http_version(), settings)
-        if head.chunked:
-            self.wire = 0
-            self.chunk_base = self.chunks
-            self.chunked_heads += 1
-            self.head_left = settings.max_header_size  # for trailer fields
-            self.last_chunked = head
-        head.switch = parser.should_upgrade()
-        self.body_to = self.sink.request_head(head)
-
-    def on_body(self, body: bytes) -> None:
-        head = self.head
-        assert head is not None
-        head.body_size += len(body)
-        self.body_total += len(body)
-        limit = self.limits.max_body_size
-        if limit is not None and head.body_size > limit:
-            raise Reject(413, f"request body larger than {limit} bytes")
-        self.body_to.request_body(body)  # type: ignore[union-attr]
-
-    def on_chunk_header(self) -> None:
-        self.chunks += 1
-
-    def on_message_complete(self) -> None:
-        body_to = self.body_to
-        self.head = self.body_to = None
-        body_to.request_end()  # type: ignore[union-attr]
 
 
 def check_head(head: RequestHead, version: str, limits: Limits) -> None:
