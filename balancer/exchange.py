@@ -145,7 +145,8 @@ class Exchange(Forwarding):
     def start(self) -> None:
         """Its turn on the connection: answer it ourselves, or pick a backend and send."""
         self.started = True
-        rid = self.req.rid_in
+        req = self.req
+        rid = req.rid_in
         self.rid = rid if rid is not None and _SANE_RID(rid) else new_request_id()
         if self.reject is not None:
             self.respond_local(*self.reject)
@@ -154,37 +155,38 @@ class Exchange(Forwarding):
             self.respond_local(404, "no route for this host and path")
             return
         self._build_head()
-        self.ctx = PickContext(self.conn.client_ip, self.req.path.decode("latin-1"),
-                               self.req.method.decode("ascii"), self.req.headers)
+        self.ctx = PickContext(self.conn.client_ip, req.path.decode("latin-1"),
+                               req.method.decode("ascii"), req.headers)
         self._attempt()
 
     def _build_head(self) -> None:
         """The request head the backends get (the same for every attempt)."""
         conn = self.conn
         settings = self.settings
-        lines = self.req.lines
-        if self.req.named is not None:
-            lines = drop_named(lines, self.req.named)
+        req = self.req
+        lines = req.lines
+        if req.named is not None:
+            lines = drop_named(lines, req.named)
         ip = conn.client_addr
-        parts = [self.req.method, b" ", self.req.target, b" HTTP/1.1\r\n"]
-        host = self.req.host_raw
+        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
+        host = req.host_raw
         if host is not None:
             parts += (b"Host: ", host, b"\r\n")
         parts += lines
-        parts += (b"X-Forwarded-For: ", ip if self.req.xff is None else self.req.xff + b", " + ip,
+        parts += (b"X-Forwarded-For: ", ip if req.xff is None else req.xff + b", " + ip,
                   b"\r\nX-Forwarded-Proto: ", conn.proto, b"\r\n")
         if host is not None:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
         rid = self.rid
         assert rid is not None
         parts += (b"X-Request-ID: ", rid, b"\r\n",
-                  settings.via_request_10 if self.req.http10 else settings.via_request)
-        if self.req.chunked:
+                  settings.via_request_10 if req.http10 else settings.via_request)
+        if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
-        if self.req.expect_continue:
+        if req.expect_continue:
             parts.append(b"Expect: 100-continue\r\n")
-        if self.req.websocket:
-            parts += (b"Connection: Upgrade\r\nUpgrade: ", self.req.upgrade, b"\r\n")  # type: ignore
+        if req.websocket:
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade, b"\r\n")  # type: ignore
         parts.append(b"\r\n")
         self.head = b"".join(parts)
 
@@ -231,12 +233,12 @@ class Exchange(Forwarding):
 
     def upstream_head(self, up: UpstreamConnection) -> None:
         status = up.status
-        if status == 101 and not self.req.websocket:
+        req = self.req
+        if status == 101 and not req.websocket:
             raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
         self.status = status
         self.t_head = now()
         settings = self.settings
-        req = self.req
         close = not req.keep_alive or self.conn.closing or (req.websocket and status != 101)
         parts = [status_line(status, up.reason)]
         parts += up.lines
@@ -246,7 +248,7 @@ class Exchange(Forwarding):
             self.out_framing = O_NONE
         elif framing == LENGTH:
             self.out_framing = O_RAW
-        elif self.req.http10:
+        elif req.http10:
             self.out_framing = O_RAW  # HTTP/1.0 has no chunks: the body ends with the connection
             close = True
         else:
@@ -256,7 +258,7 @@ class Exchange(Forwarding):
             parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
         elif close:
             parts.append(b"Connection: close\r\n")
-        elif self.req.http10:
+        elif req.http10:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
         self.close = close
@@ -406,6 +408,7 @@ class Exchange(Forwarding):
 
     def _log(self) -> None:
         pool = self.pool
+        req = self.req
         keys = ""
         recorders = self.settings.access_keys  # None unless a pool records hashed inputs
         if recorders is not None and pool is not None and self.ctx is not None:
@@ -413,11 +416,11 @@ class Exchange(Forwarding):
             if recorder is not None:
                 keys = recorder(self.ctx)
         accesslog.write(
-            self.rid or b"-", self.conn.client_ip, self.req.method, self.req.url,
+            self.rid or b"-", self.conn.client_ip, req.method, req.url,
             pool.name if pool is not None else None, self.backend_name,
             499 if self.client_gone and not self.committed else self.status,
             self.t_head - self.t_sent if self.t_head else None,
-            now() - self.t_start if self.t_start else 0.0, self.bytes_out, self.req.host, keys)
+            now() - self.t_start if self.t_start else 0.0, self.bytes_out, req.host, keys)
 
 
     def __repr__(self) -> str:

@@ -201,7 +201,7 @@ class ClientConnection(asyncio.Protocol):
 
     def request_head(self, head: RequestHead) -> Exchange:
         state = self.state
-        ex = Exchange(self, head, state.settings, counted=True)
+        ex = Exchange(self, head, state.settings, True)
         # The pool is chosen now, as the request arrives: a reload cannot move it mid-flight.
         ex.pool = state.router.route(head.host, head.path)
         ex.t_start = now()

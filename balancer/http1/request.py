@@ -107,8 +107,10 @@ class RequestParser:
                     raise Reject(431, "request header fields too large")
             elif head.chunked:
                 self.wire += len(data)
-        begun, body0, chunks0, chunked0 = (self.begun, self.body_total, self.chunks,
-                                           self.chunked_heads)
+        begun = self.begun
+        body0 = self.body_total
+        chunks0 = self.chunks
+        chunked0 = self.chunked_heads
         upgrade_at = -1
         try:
             self.parser.feed_data(data)

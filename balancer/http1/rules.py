@@ -258,7 +258,13 @@ def check_head(head: RequestHead, version: str, limits: Limits) -> None:
         limit = limits.max_body_size
         if limit is not None and head.content_length > limit:
             raise Reject(413, f"request body larger than {limit} bytes")
-    check_target(head)
+    url = head.url
+    if url[:1] == b"/" and 0x23 not in url:  # origin form, the usual one ("#": check_target)
+        head.target = head.path = url
+        if head.host_raw is None and not head.http10:
+            raise Reject(400, "HTTP/1.1 requests need a Host header")
+    else:
+        check_target(head)
     if head.expect is not None:
         if head.expect.strip().lower() != b"100-continue":
             raise Reject(417, "only the 100-continue expectation is supported")
