@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from itertools import count
 from typing import Any, Protocol
 
@@ -96,8 +96,9 @@ class ClientSide(Flow, Protocol):
     client_addr: bytes  # client_ip, encoded once
     proto: bytes  # b"http" or b"https", for X-Forwarded-Proto
     closing: bool  # keep-alive is over: answer with Connection: close
-    #: Bytes of the answer, to the client as they are (the transport's own writelines).
-    send_all: Callable[[Iterable[bytes]], object]
+
+    def send_all(self, parts: Iterable[bytes]) -> None:
+        """Bytes of the answer, to the client as they are."""
 
     def send(self, data: bytes) -> None:
         """Write to the client unless its connection is closing."""

@@ -25,7 +25,7 @@ from typing import Callable
 from balancer.exchange import P_BUFFER, P_UPSTREAM, Exchange, new_request_id, now
 from balancer.http1 import NO_REQUEST, Reject, RequestHead, RequestParser, error_response
 from balancer.proxystate import ProxySettings, ProxyState, default_max_clients
-from balancer.slowclients import BODY, FIRST, HEAD, IDLE, NONE, SEND, ClientTimer, unacked
+from balancer.slowclients import BODY, FIRST, HEAD, IDLE, NONE, SEND, unacked
 
 __all__ = ["ClientConnection", "ProxySettings", "ProxyState", "default_max_clients",
            "protocol_factory"]
@@ -56,15 +56,16 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "state", "transport", "reader", "client_ip", "client_addr", "proto", "deadlines",
-        "send_all",
         # Requests: the one answered, those waiting their turn, one that asked for an upgrade
         "current", "backlog", "upgrading",
         # Flow control
         "paused", "write_paused",
         # Ending: close after the current answer; dropping what still comes; spliced bytes
         "closing", "lingering", "held", "held_size", "splice", "_pumping",
-        # Answers given; the client half-closed; what slowclients.py last saw (its own record)
-        "served", "eof", "timer",
+        # Answers given; the client half-closed
+        "served", "eof",
+        # slowclients.py's record of this connection (slowclients.Timed: written only there)
+        "timer_phase", "timer_of", "timer_mark", "timer_since",
     )
 
     def __init__(self, state: ProxyState) -> None:
@@ -72,10 +73,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = RequestParser(self, state)
         self.client_ip = ""
-        self.client_addr = b""  # the same, for X-Forwarded-For
+        self.client_addr = b""  # the same, for X-Forwarded-For (shared: _ADDRESSES)
         self.proto = b"http"
         self.deadlines = state.deadlines
-        self.send_all: Callable[[Iterable[bytes]], object] = _no_transport
         self.current: Exchange | None = None
         self.backlog: list[Exchange] | None = None
         self.upgrading: Exchange | None = None
@@ -89,16 +89,23 @@ class ClientConnection(asyncio.Protocol):
         self._pumping = False
         self.served = 0
         self.eof = False  # the client half-closed: nothing more will come
-        self.timer = ClientTimer()
+        self.timer_phase = NONE
+        self.timer_of: object = None
+        self.timer_mark = 0
+        self.timer_since = 0.0
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.send_all = transport.writelines  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else ""
-        self.client_addr = self.client_ip.encode()
+        addr = _ADDRESSES.get(self.client_ip)
+        if addr is None:
+            addr = self.client_ip.encode()
+            if len(_ADDRESSES) < 4096:  # bounded: the addresses seen most stay shared
+                _ADDRESSES[self.client_ip] = addr
+        self.client_addr = addr
         if transport.get_extra_info("sslcontext") is not None:
             self.proto = b"https"
         state = self.state
@@ -182,7 +189,6 @@ class ClientConnection(asyncio.Protocol):
         self.current = self.backlog = self.splice = None
         self.reader.stop()
         self.held = None
-        self.send_all = _no_transport
         for ex in pending:
             ex.client_lost()
 
@@ -220,6 +226,11 @@ class ClientConnection(asyncio.Protocol):
         return self.reader.body_to  # type: ignore[return-value]
 
     # --- exchange.ClientSide -------------------------------------------------------------
+
+    def send_all(self, parts: Iterable[bytes]) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.writelines(parts)
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -457,8 +468,8 @@ class ClientConnection(asyncio.Protocol):
         return f"<ClientConnection {self.client_ip} {state}>"
 
 
-def _no_transport(parts: Iterable[bytes]) -> None:
-    """``send_all`` of a connection not (or no longer) connected: nothing to write to."""
+#: Client addresses as bytes, one object per address for all its connections.
+_ADDRESSES: dict[str, bytes] = {}
 
 
 class _NotReading:

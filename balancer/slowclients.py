@@ -36,7 +36,7 @@ import termios
 from collections.abc import Collection
 from typing import Any, Protocol
 
-__all__ = ["ClientTimer", "ClientTimers", "Timed", "FIRST", "IDLE", "HEAD", "BODY", "SEND",
+__all__ = ["ClientTimers", "Timed", "FIRST", "IDLE", "HEAD", "BODY", "SEND",
            "unacked"]
 
 log = logging.getLogger("balancer.proxy")
@@ -45,23 +45,17 @@ NONE, FIRST, IDLE, HEAD, BODY, SEND = range(6)
 NAMES = {FIRST: "header", IDLE: "keepalive", HEAD: "header", BODY: "body", SEND: "send"}
 
 
-class ClientTimer:
-    """What the sweep last saw one connection wait for, and since when (kept on the connection
-    it times, written only here)."""
-
-    __slots__ = ("phase", "of", "mark", "since")
-
-    def __init__(self) -> None:
-        self.phase = NONE
-        self.of: object = None
-        self.mark = 0
-        self.since = 0.0
-
-
 class Timed(Protocol):
-    """A client connection as the sweep sees it (``proxy.ClientConnection``)."""
+    """A client connection as the sweep sees it (``proxy.ClientConnection``).
 
-    timer: ClientTimer
+    The four ``timer_*`` fields are this module's record of the connection (what it last saw
+    the connection wait for, and since when): kept on the connection it times, so an idle
+    connection pays no extra object, and written only here."""
+
+    timer_phase: int
+    timer_of: object
+    timer_mark: int
+    timer_since: float
 
     def waiting_for(self) -> tuple[int, object, int]:
         """(phase, the request concerned, a progress mark) as in the table above."""
@@ -140,18 +134,17 @@ class ClientTimers:
 
     def _check(self, conn: Timed, t: float, settings: Limits) -> None:
         phase, of, mark = conn.waiting_for()
-        timer = conn.timer
-        if phase != timer.phase or of is not timer.of or mark != timer.mark:
-            timer.phase, timer.of, timer.mark = phase, of, mark
-            timer.since = t
+        if phase != conn.timer_phase or of is not conn.timer_of or mark != conn.timer_mark:
+            conn.timer_phase, conn.timer_of, conn.timer_mark = phase, of, mark
+            conn.timer_since = t
             return
         if phase == NONE:
             return
         limit = (settings.keepalive_timeout if phase == IDLE else
                  settings.body_timeout if phase == BODY else
                  settings.send_timeout if phase == SEND else settings.header_timeout)
-        if t - timer.since >= limit:
-            timer.phase = NONE
+        if t - conn.timer_since >= limit:
+            conn.timer_phase = NONE
             self.fired[NAMES[phase]] += 1
             conn.timed_out(phase, limit)
 
