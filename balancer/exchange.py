@@ -48,17 +48,23 @@ from balancer.forward import (
     after_failure,
     now,
 )
-from balancer.http1 import RequestHead, drop_named, error_response, status_line
+from balancer.http1 import (
+    ANSWER_FRAMING,
+    O_CHUNK,
+    O_NONE,
+    RequestHead,
+    drop_named,
+    error_response,
+    status_line,
+)
 from balancer.strategies import PickContext
-from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection
+from balancer.upstream import BadResponse, UpstreamConnection
 
 __all__ = ["ELSEWHERE", "GIVE_UP", "IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT",
            "SAME", "ClientSide", "Exchange", "after_failure", "new_request_id", "now"]
 
 log = logging.getLogger("balancer.proxy")
 
-# How the answer's body goes to the client.
-O_NONE, O_RAW, O_CHUNK = 0, 1, 2
 
 _RID_PREFIX = os.urandom(4).hex()
 _rid_seq = count(1)
@@ -244,24 +250,12 @@ class Exchange(Forwarding):
         parts = [status_line(status, up.reason)]
         parts += up.lines
         parts += (settings.via_response, b"X-Request-ID: ", self.rid, b"\r\n")  # type: ignore
-        framing = up.framing
-        if framing == NO_BODY:
-            self.out_framing = O_NONE
-        elif framing == LENGTH:
-            self.out_framing = O_RAW
-        elif req.http10:
-            self.out_framing = O_RAW  # HTTP/1.0 has no chunks: the body ends with the connection
-            close = True
-        else:
-            self.out_framing = O_CHUNK
-            parts.append(b"Transfer-Encoding: chunked\r\n")
         if status == 101:
-            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
-        elif close:
-            parts.append(b"Connection: close\r\n")
-        elif req.http10:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+            self.out_framing = O_NONE
+            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        else:
+            self.out_framing, close, lines = ANSWER_FRAMING[up.framing][req.http10][close]
+            parts += (lines, b"\r\n")
         self.close = close
         self.out.append(b"".join(parts))
         self.head_built = True

@@ -23,11 +23,15 @@ from typing import TYPE_CHECKING, Protocol
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from balancer.http1 import (
+    CHUNKED,
+    LENGTH,
+    NO_BODY,
     PLAIN_CONNECTION,
     R_CODING,
     R_CONNECTION,
     R_LENGTH,
     RESPONSE_HEADERS,
+    UNTIL_CLOSE,
     connection_tokens,
     drop_named,
 )
@@ -47,8 +51,6 @@ MAX_IDLE = 256
 #: (uvicorn, node), so we close first and rarely race a backend closing an idle connection.
 IDLE_TIMEOUT = 4.0
 
-# Response framing, as the backend sent it.
-NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 
 class BadResponse(Exception):
     """A response the proxy will not pass on (raised from a parser callback; becomes a 502)."""

@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from balancer.http1 import (
+    ANSWER_FRAMING,
     CHUNK_OVERHEAD,
+    LENGTH,
+    NO_BODY,
+    O_CHUNK,
+    O_NONE,
+    O_RAW,
     REQUEST_HEADERS,
     RESPONSE_HEADERS,
+    UNTIL_CLOSE,
     HeaderKinds,
     Reject,
     RequestHead,
@@ -24,6 +31,7 @@ from balancer.http1 import (
     transfer_coding,
     valid_host,
 )
+from balancer.http1 import CHUNKED as BY_CHUNKS
 
 
 @dataclass
@@ -210,3 +218,18 @@ def test_error_responses_are_short_json_with_the_request_id() -> None:
     assert b"Content-Length: %d" % len(body) in head
     assert json.loads(body) == {"status": 503, "error": "Service Unavailable",
                                 "detail": "no backend", "request_id": "rid1"}
+
+
+@pytest.mark.parametrize("framing, http10, close, expected", [
+    (LENGTH, False, False, (O_RAW, False, b"")),
+    (LENGTH, False, True, (O_RAW, True, b"Connection: close\r\n")),
+    (NO_BODY, True, False, (O_NONE, False, b"Connection: keep-alive\r\n")),
+    (BY_CHUNKS, False, False, (O_CHUNK, False, b"Transfer-Encoding: chunked\r\n")),
+    (UNTIL_CLOSE, False, False, (O_CHUNK, False, b"Transfer-Encoding: chunked\r\n")),
+    # HTTP/1.0 has no chunks: a body of unknown length ends with the connection.
+    (BY_CHUNKS, True, False, (O_RAW, True, b"Connection: close\r\n")),
+    (UNTIL_CLOSE, True, True, (O_RAW, True, b"Connection: close\r\n")),
+])
+def test_an_answer_is_framed_for_its_client(framing: int, http10: bool, close: bool,
+                                            expected: tuple[int, bool, bytes]) -> None:
+    assert ANSWER_FRAMING[framing][http10][close] == expected

@@ -32,9 +32,16 @@ re-chunked, lengths canonical), so what a backend receives parses one way only.
 
 from balancer.http1.request import BodySink, RequestParser, RequestSink, SettingsSource
 from balancer.http1.rules import (
+    ANSWER_FRAMING,
     CHUNK_OVERHEAD,
+    CHUNKED,
+    LENGTH,
     MAX_LENGTH,
+    NO_BODY,
     NO_REQUEST,
+    O_CHUNK,
+    O_NONE,
+    O_RAW,
     PLAIN_CONNECTION,
     PROTECTED,
     R_CODING,
@@ -42,6 +49,7 @@ from balancer.http1.rules import (
     R_LENGTH,
     REQUEST_HEADERS,
     RESPONSE_HEADERS,
+    UNTIL_CLOSE,
     HeaderKinds,
     Limits,
     Reject,
@@ -56,7 +64,9 @@ from balancer.http1.rules import (
     valid_host,
 )
 
-__all__ = ["BodySink", "CHUNK_OVERHEAD", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
+__all__ = ["ANSWER_FRAMING", "BodySink", "CHUNK_OVERHEAD", "CHUNKED", "LENGTH", "NO_BODY",
+           "O_CHUNK", "O_NONE", "O_RAW", "UNTIL_CLOSE", "HeaderKinds", "Limits", "MAX_LENGTH",
+           "NO_REQUEST",
            "PLAIN_CONNECTION", "PROTECTED", "R_CODING", "R_CONNECTION", "R_LENGTH",
            "REQUEST_HEADERS", "RESPONSE_HEADERS", "Reject", "RequestHead", "RequestParser",
            "RequestSink", "SettingsSource", "connection_tokens", "drop_named", "error_response",

@@ -15,7 +15,8 @@ from httptools import (
     HttpParserUpgrade,
 )
 
-__all__ = ["CHUNK_OVERHEAD", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
+__all__ = ["ANSWER_FRAMING", "CHUNK_OVERHEAD", "CHUNKED", "LENGTH", "NO_BODY", "O_CHUNK",
+           "O_NONE", "O_RAW", "UNTIL_CLOSE", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
            "PLAIN_CONNECTION", "PROTECTED", "REQUEST_HEADERS", "RESPONSE_HEADERS", "Reject",
            "RequestHead", "check_head", "check_target", "connection_tokens", "drop_named",
            "error_response", "host_of", "refusal", "status_line", "transfer_coding",
@@ -300,6 +301,38 @@ def check_target(head: RequestHead) -> None:
         raise Reject(400, "invalid request target")
     if head.host_raw is None and not head.http10:
         raise Reject(400, "HTTP/1.1 requests need a Host header")
+
+
+# --- relaying an answer ------------------------------------------------------------------
+
+# A response's framing as the backend sent it (upstream.py sets it from the head).
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
+# How the answer's body goes to the client: none, as it is, re-chunked.
+O_NONE, O_RAW, O_CHUNK = 0, 1, 2
+
+
+def _answer_framing(framing: int, http10: bool, close: bool) -> tuple[int, bool, bytes]:
+    """How an answer framed ``framing`` by the backend goes to the client: its body's framing,
+    whether the connection closes after it, and the header lines that say so."""
+    if framing == NO_BODY:
+        out = O_NONE
+    elif framing == LENGTH:
+        out = O_RAW  # Content-Length is passed on, canonical
+    elif http10:
+        out, close = O_RAW, True  # HTTP/1.0 has no chunks: the body ends with the connection
+    else:
+        out = O_CHUNK  # chunked or until-close: re-chunked, so the connection can stay
+    lines = b"Transfer-Encoding: chunked\r\n" if out == O_CHUNK else b""
+    if close:
+        lines += b"Connection: close\r\n"
+    elif http10:
+        lines += b"Connection: keep-alive\r\n"  # an HTTP/1.0 client closes unless told
+    return out, close, lines
+
+
+#: ``_answer_framing`` for every case, built once: ``ANSWER_FRAMING[framing][http10][close]``.
+ANSWER_FRAMING = [[[_answer_framing(f, h, c) for c in (False, True)] for h in (False, True)]
+                  for f in (NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE)]
 
 
 # --- our own answers -----------------------------------------------------------------------
