@@ -147,7 +147,7 @@ class Forwarding:
         """A bug while forwarding: log it, answer 500 if still possible."""
         raise NotImplementedError
 
-    # --- choosing a backend -------------------------------------------------------
+    # --- choosing a backend --------------------------------------------------------------
 
     def _attempt(self) -> None:
         pool = self.pool
@@ -243,7 +243,7 @@ class Forwarding:
             self.respond_local(502, f"no backend of pool {self.pool.name} could be reached "  # type: ignore
                                     f"after {self.attempts} attempt(s); last: {self.last_error}")
 
-    # --- sending ------------------------------------------------------------------
+    # --- sending -------------------------------------------------------------------------
 
     def _send(self, up: UpstreamConnection) -> None:
         """Write the head, and the body so far, to ``up``."""
@@ -351,7 +351,7 @@ class Forwarding:
             else:
                 up.transport.resume_reading()
 
-    # --- failures (upstream.ResponseSink, in part) --------------------------------
+    # --- failures (upstream.ResponseSink, in part) ---------------------------------------
 
     def client_raw(self, data: bytes) -> None:
         up = self.upstream
