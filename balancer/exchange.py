@@ -53,12 +53,13 @@ from balancer.http1 import (
     O_CHUNK,
     O_NONE,
     RequestHead,
+    ResponseHead,
     drop_named,
     error_response,
     status_line,
 )
 from balancer.strategies import PickContext
-from balancer.upstream import BadResponse, UpstreamConnection
+from balancer.upstream import BadResponse
 
 __all__ = ["ELSEWHERE", "GIVE_UP", "IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT",
            "SAME", "ClientSide", "Exchange", "after_failure", "new_request_id", "now"]
@@ -238,8 +239,8 @@ class Exchange(Forwarding):
 
     # --- the answer (upstream.ResponseSink) ----------------------------------------------
 
-    def upstream_head(self, up: UpstreamConnection) -> None:
-        status = up.status
+    def upstream_head(self, head: ResponseHead) -> None:
+        status = head.status
         req = self.req
         if status == 101 and not req.websocket:
             raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
@@ -247,22 +248,23 @@ class Exchange(Forwarding):
         self.t_head = now()
         settings = self.settings
         close = not req.keep_alive or self.conn.closing or (req.websocket and status != 101)
-        parts = [status_line(status, up.reason)]
-        parts += up.lines
+        parts = [status_line(status, head.reason)]
+        parts += head.lines
         parts += (settings.via_response, b"X-Request-ID: ", self.rid, b"\r\n")  # type: ignore
         if status == 101:
             self.out_framing = O_NONE
             parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
         else:
-            self.out_framing, close, lines = ANSWER_FRAMING[up.framing][req.http10][close]
+            self.out_framing, close, lines = ANSWER_FRAMING[head.framing][req.http10][close]
             parts += (lines, b"\r\n")
         self.close = close
         self.out.append(b"".join(parts))
         self.head_built = True
 
-    def upstream_informational(self, up: UpstreamConnection) -> None:
+    def upstream_informational(self, head: ResponseHead) -> None:
         if not self.req.http10:  # HTTP/1.0 clients do not expect 1xx
-            self.out.append(b"".join([status_line(up.status, up.reason), *up.lines, b"\r\n"]))
+            self.out.append(b"".join([status_line(head.status, head.reason), *head.lines,
+                                      b"\r\n"]))
 
     def upstream_body(self, data: bytes) -> None:
         size = len(data)

@@ -16,7 +16,8 @@ from httptools import (
 )
 
 __all__ = ["ANSWER_FRAMING", "CHUNK_OVERHEAD", "CHUNKED", "LENGTH", "NO_BODY", "O_CHUNK",
-           "O_NONE", "O_RAW", "UNTIL_CLOSE", "HeaderKinds", "Limits", "MAX_LENGTH", "NO_REQUEST",
+           "O_NONE", "O_RAW", "ResponseHead", "UNTIL_CLOSE", "HeaderKinds", "Limits",
+           "MAX_LENGTH", "NO_REQUEST",
            "PLAIN_CONNECTION", "PROTECTED", "REQUEST_HEADERS", "RESPONSE_HEADERS", "Reject",
            "RequestHead", "check_head", "check_target", "connection_tokens", "drop_named",
            "error_response", "host_of", "refusal", "status_line", "transfer_coding",
@@ -328,6 +329,22 @@ def _answer_framing(framing: int, http10: bool, close: bool) -> tuple[int, bool,
     elif http10:
         lines += b"Connection: keep-alive\r\n"  # an HTTP/1.0 client closes unless told
     return out, close, lines
+
+
+class ResponseHead:
+    """One response head from a backend, as parsed: what the client's answer is built from."""
+
+    __slots__ = ("status", "reason", "lines", "framing", "named")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.lines: list[bytes] = []  # header lines passed on as they are
+        self.framing = UNTIL_CLOSE  # as the backend sent it: NO_BODY, LENGTH, CHUNKED...
+        self.named: list[bytes] | None = None  # header names listed in Connection
+
+    def __repr__(self) -> str:
+        return f"<ResponseHead {self.status} {self.reason.decode('latin-1')}>"
 
 
 #: ``_answer_framing`` for every case, built once: ``ANSWER_FRAMING[framing][http10][close]``.
