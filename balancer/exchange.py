@@ -27,75 +27,54 @@ passive ejection.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import re
-import time
-from collections.abc import Coroutine
-from http import HTTPStatus
+from collections.abc import Iterable
 from itertools import count
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from balancer import accesslog
-from balancer.backend import Backend
-from balancer.pool import NoBackend, Pool
+from balancer.forward import (
+    ELSEWHERE,
+    GIVE_UP,
+    IDEMPOTENT,
+    P_BUFFER,
+    P_UPSTREAM,
+    REPLAY_LIMIT,
+    SAME,
+    Flow,
+    Forwarding,
+    after_failure,
+    now,
+)
+from balancer.http1 import (
+    ANSWER_FRAMING,
+    O_CHUNK,
+    O_NONE,
+    RequestHead,
+    ResponseHead,
+    drop_named,
+    error_response,
+    status_line,
+)
 from balancer.strategies import PickContext
-from balancer.upstream import LENGTH, NO_BODY, BadResponse, UpstreamConnection, UpstreamPool
+from balancer.upstream import BadResponse
 
-if TYPE_CHECKING:
-    from balancer.proxy import ClientConnection
-
-__all__ = ["IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT", "Deadlines", "Exchange",
-           "Reject", "now"]
+__all__ = ["ELSEWHERE", "GIVE_UP", "IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPLAY_LIMIT",
+           "SAME", "ClientSide", "Exchange", "after_failure", "new_request_id", "now"]
 
 log = logging.getLogger("balancer.proxy")
 
-now = time.monotonic
-
-#: Methods that may be sent twice (RFC 9110 §9.2.2).
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-#: Request body bytes kept to resend on another backend; a longer body is sent once.
-REPLAY_LIMIT = 64 * 1024
-
-# Why reading from a client is paused (a bit each; reading resumes when none is left).
-P_UPSTREAM = 1  # the backend reads the request body slower than the client sends it
-P_BUFFER = 2  # bytes wait here: a body before a backend is connected, pipelined requests
-
-# How the answer's body goes to the client.
-O_NONE, O_RAW, O_CHUNK = 0, 1, 2
 
 _RID_PREFIX = os.urandom(4).hex()
 _rid_seq = count(1)
 _SANE_RID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}").fullmatch
-# Never dropped because a Connection header names them: they frame the request.
-_PROTECTED = frozenset((b"content-length", b"host", b"upgrade"))
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-
-
-class Reject(Exception):
-    """A request we refuse to forward: answered with ``status`` and closed."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def new_request_id() -> bytes:
     """Unique per process and cheap: a random prefix and a counter."""
     return f"{_RID_PREFIX}{next(_rid_seq):08x}".encode()
-
-
-def _status_line(status: int, reason: bytes) -> bytes:
-    key = (status, reason)
-    line = _STATUS_LINES.get(key)
-    if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-        if len(_STATUS_LINES) < 1024:
-            _STATUS_LINES[key] = line
-    return line
 
 
 #: IP addresses (with a port) and ('host', port) tuples in OS error texts.
@@ -114,139 +93,68 @@ def public_detail(detail: str, backends: Any) -> str:
     return _ADDRESS.sub("<address>", detail)
 
 
-def error_response(status: int, request_id: bytes, detail: str, close: bool,
-                   retry_after: int | None = None) -> bytes:
-    """A short JSON answer the proxy gives itself: what went wrong, and the request id."""
-    phrase = HTTPStatus(status).phrase
-    rid = request_id.decode("latin-1")
-    body = (json.dumps({"status": status, "error": phrase, "detail": detail,
-                        "request_id": rid}) + "\n").encode()
-    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Request-ID: {rid}\r\n")
-    if retry_after is not None:
-        head += f"Retry-After: {retry_after}\r\n"
-    if close:
-        head += "Connection: close\r\n"
-    return head.encode("latin-1") + b"\r\n" + body
 
 
-class Deadlines:
-    """The read deadlines of requests waiting for a backend, checked by one periodic sweep.
+class ClientSide(Flow, Protocol):
+    """What an Exchange needs of its client connection (``proxy.ClientConnection``): it reads
+    these and calls these, and writes none of the connection's state."""
 
-    Cheaper than a timer per request (a set add and discard instead of scheduling and
-    cancelling a TimerHandle, for every request); a deadline fires up to ``interval`` late.
-    """
+    client_ip: str
+    client_addr: bytes  # client_ip, encoded once
+    proto: bytes  # b"http" or b"https", for X-Forwarded-Proto
+    closing: bool  # keep-alive is over: answer with Connection: close
 
-    __slots__ = ("waiting", "interval", "_handle")
+    def send_all(self, parts: Iterable[bytes]) -> None:
+        """Bytes of the answer, to the client as they are."""
 
-    def __init__(self, interval: float = 0.1) -> None:
-        self.waiting: set[Exchange] = set()
-        self.interval = interval
-        self._handle: asyncio.TimerHandle | None = None
+    def send(self, data: bytes) -> None:
+        """Write to the client unless its connection is closing."""
 
-    def watch(self, ex: Exchange) -> None:
-        self.waiting.add(ex)
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
+    def start_splice(self, ex: Exchange) -> list[bytes]:
+        """``ex`` switched protocols: bytes pass through from now on; returns those held."""
 
-    def forget(self, ex: Exchange) -> None:
-        self.waiting.discard(ex)
-
-    def _sweep(self) -> None:
-        self._handle = None
-        t = now()
-        for ex in [ex for ex in self.waiting if ex.deadline <= t]:
-            self.waiting.discard(ex)
-            try:
-                ex.read_deadline()
-            except Exception:
-                log.exception("bug while timing out %r", ex)
-        if self.waiting:
-            self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+    def exchange_done(self, ex: Exchange) -> None:
+        """``ex`` has answered (or failed): close, or go on with the next request."""
 
 
-class Exchange:
-    """One request and its answer."""
+class Exchange(Forwarding):
+    """One request and its answer (its attempts on backends: ``forward.Forwarding``)."""
 
     __slots__ = (
-        "conn", "settings",
-        # The request, as parsed
-        "method", "url", "target", "path", "headers", "lines", "host", "host_raw", "xff",
-        "rid_in", "rid", "te", "upgrade", "named", "expect", "http10", "keep_alive",
-        "content_length", "chunked", "expect_continue", "websocket", "headers_done",
-        "request_done", "body_size", "reject", "counted",
-        # Request body not yet sent, and what was sent, kept for a retry while it is small
-        "pending", "pending_size", "replay", "replay_size", "replayable",
-        # Forwarding
-        "pool", "head", "ctx", "tried", "attempts", "backend", "backend_name", "upstream",
-        "sent", "stale_retry", "last_error", "last_status", "timed_out", "deadline",
-        "timer_mark", "task", "started",
+        "conn", "settings", "req",
+        # The request's progress (its head is ``req``, an http1.RequestHead)
+        "request_done", "reject", "counted", "rid", "started",
         # The answer
         "status", "out", "out_framing", "head_built", "committed", "close", "abort",
-        "bytes_out", "finished", "client_gone",
-        # Times (monotonic seconds)
-        "t_start", "t_sent", "t_head",
+        "bytes_out", "finished", "client_gone", "t_start",
     )
+    conn: ClientSide
 
-    def __init__(self, conn: ClientConnection) -> None:
+    def __init__(self, conn: ClientSide, req: RequestHead, settings: Any,
+                 counted: bool = False) -> None:
+        Forwarding.__init__(self)
         self.conn = conn
-        self.settings = conn.state.settings
-        self.method = b""
-        self.url = b""
-        self.target = self.path = b"/"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.lines: list[bytes] = []
-        self.host = b""
-        self.host_raw: bytes | None = None
-        self.xff: bytes | None = None
-        self.rid_in: bytes | None = None
-        self.te: bytes | None = None
-        self.upgrade: bytes | None = None
-        self.expect: bytes | None = None
+        self.settings = settings  # proxy.ProxySettings, as the request arrived
+        self.req = req
+        self.counted = counted  # in ProxyState.in_flight (the connection counts)
         self.rid: bytes | None = None
-        self.named: list[bytes] | None = None
-        self.http10 = self.keep_alive = self.chunked = self.expect_continue = False
-        self.websocket = self.headers_done = self.request_done = self.counted = False
-        self.content_length = self.body_size = 0
+        self.request_done = self.started = False
         self.reject: tuple[int, str] | None = None
-        self.pending: list[bytes] | None = None
-        self.pending_size = self.replay_size = 0
-        self.replay: list[bytes] | None = None
-        self.replayable = True
-        self.pool: Pool | None = None
-        self.head = b""
-        self.ctx: PickContext | None = None
-        self.tried: tuple[Backend, ...] = ()
-        self.attempts = 0
-        self.backend: Backend | None = None
-        self.backend_name: str | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.sent = self.stale_retry = self.started = False
-        self.last_error = ""
-        self.last_status = 502  # the answer when no attempt is left: 504 after a timeout
-        self.timed_out = False  # an attempt got no answer within timeouts.read
-        self.deadline = 0.0  # > 0 while watched by the Deadlines sweep
-        self.timer_mark = 0
-        self.task: asyncio.Task[None] | None = None
         self.status = 0
         self.out: list[bytes] = []
         self.out_framing = O_NONE
         self.head_built = self.committed = self.close = self.abort = False
         self.finished = self.client_gone = False
         self.bytes_out = 0
-        self.t_start = self.t_sent = self.t_head = 0.0
+        self.t_start = 0.0
 
     # --- starting ------------------------------------------------------------------------
 
     def start(self) -> None:
         """Its turn on the connection: answer it ourselves, or pick a backend and send."""
         self.started = True
-        rid = self.rid_in
+        req = self.req
+        rid = req.rid_in
         self.rid = rid if rid is not None and _SANE_RID(rid) else new_request_id()
         if self.reject is not None:
             self.respond_local(*self.reject)
@@ -255,274 +163,108 @@ class Exchange:
             self.respond_local(404, "no route for this host and path")
             return
         self._build_head()
-        self.ctx = PickContext(self.conn.client_ip, self.path.decode("latin-1"),
-                               self.method.decode("ascii"), self.headers)
+        self.ctx = PickContext(self.conn.client_ip, req.path.decode("latin-1"),
+                               req.method.decode("ascii"), req.headers)
         self._attempt()
 
     def _build_head(self) -> None:
         """The request head the backends get (the same for every attempt)."""
         conn = self.conn
         settings = self.settings
-        lines = self.lines
-        if self.named is not None:
-            named = set(self.named) - _PROTECTED
-            lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
-        ip = conn.client_ip.encode()
-        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
-        host = self.host_raw
+        req = self.req
+        lines = req.lines
+        if req.named is not None:
+            lines = drop_named(lines, req.named)
+        ip = conn.client_addr
+        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
+        host = req.host_raw
         if host is not None:
             parts += (b"Host: ", host, b"\r\n")
         parts += lines
-        parts += (b"X-Forwarded-For: ", ip if self.xff is None else self.xff + b", " + ip,
+        parts += (b"X-Forwarded-For: ", ip if req.xff is None else req.xff + b", " + ip,
                   b"\r\nX-Forwarded-Proto: ", conn.proto, b"\r\n")
         if host is not None:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
         rid = self.rid
         assert rid is not None
         parts += (b"X-Request-ID: ", rid, b"\r\n",
-                  settings.via_request_10 if self.http10 else settings.via_request)
-        if self.chunked:
+                  settings.via_request_10 if req.http10 else settings.via_request)
+        if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
-        if self.expect_continue:
+        if req.expect_continue:
             parts.append(b"Expect: 100-continue\r\n")
-        if self.websocket:
-            parts += (b"Connection: Upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")  # type: ignore
+        if req.websocket:
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade, b"\r\n")  # type: ignore
         parts.append(b"\r\n")
         self.head = b"".join(parts)
 
     # --- choosing a backend --------------------------------------------------------------
 
-    def _attempt(self) -> None:
-        pool = self.pool
-        assert pool is not None and self.ctx is not None
-        try:
-            backend = pool.pick(self.ctx, self.tried)
-        except NoBackend as exc:
-            if exc.reason == "overload" and pool.config.queue_timeout > 0:
-                self._spawn(self._wait_for_slot())
-            else:
-                self._no_backend(exc.reason)
-            return
-        except Exception:  # a plug-in strategy's bug must cost one request, not the proxy
-            log.exception("pool %s: choosing a backend failed", pool.name)
-            self.respond_local(502, f"pool {pool.name}: choosing a backend failed")
-            return
-        pool.begin(backend)
-        self._use(backend)
 
-    async def _wait_for_slot(self) -> None:
-        """Every backend is at its max_connections: wait (bounded) for a slot."""
-        pool = self.pool
-        assert pool is not None and self.ctx is not None
-        try:
-            try:
-                backend = await pool.acquire(self.ctx, self.tried)
-            except NoBackend as exc:
-                if not self.finished:
-                    self._no_backend(exc.reason)
-                return
-            if self.finished:  # the client left while we waited
-                pool.release(backend)
-                return
-            self._use(backend)
-        except Exception:
-            self._bug()
 
-    def _no_backend(self, reason: str) -> None:
-        name = self.pool.name  # type: ignore[union-attr]
-        if self.tried and self.last_status == 504:
-            self.respond_local(504, self.last_error)
-        elif self.tried:
-            self.respond_local(502, f"no backend of pool {name} answered after "
-                                    f"{self.attempts} attempt(s); last: {self.last_error}")
-        elif reason == "overload":
-            self.respond_local(503, f"every backend of pool {name} is at its connection limit",
-                               retry_after=1)
-        else:
-            self.respond_local(503, f"no backend of pool {name} is available", retry_after=5)
 
-    def _use(self, backend: Backend) -> None:
-        """Send to ``backend`` (a slot is taken): on a pooled connection, else a new one."""
-        self.backend = backend
-        self.attempts += 1
-        if self.tried:  # a retry: counted against the backend whose failure caused it
-            self.tried[-1].retries += 1
-        upool = backend.connections
-        if upool is None:
-            upool = backend.connections = UpstreamPool(backend)
-        up = upool.get()
-        if up is not None:
-            self._send(up)
-        else:
-            self._spawn(self._open(backend))
 
-    async def _open(self, backend: Backend) -> None:
-        upool: UpstreamPool = backend.connections
-        try:
-            try:
-                up = await upool.connect(self.pool.config.timeouts.connect)  # type: ignore
-            except OSError as exc:
-                if self.backend is backend and not self.finished:
-                    self._connect_failed("connect timed out" if isinstance(exc, TimeoutError)
-                                         else f"connect failed: {exc.strerror or exc}")
-                return
-            if self.backend is not backend or self.finished:  # the client left meanwhile
-                upool.release(up, True)
-                return
-            self._send(up)
-        except Exception:
-            self._bug()
 
-    def _connect_failed(self, detail: str) -> None:
-        backend = self.backend
-        assert backend is not None
-        self._finish_backend(0, error="connect", latency=None)
-        self.tried += (backend,)
-        self.last_error = f"{backend.name}: {detail}"
-        self.last_status = 502
-        if self.attempts <= self.pool.config.retries and self.replayable:  # type: ignore
-            self._attempt()
-        else:
-            self.respond_local(502, f"no backend of pool {self.pool.name} could be reached "  # type: ignore
-                                    f"after {self.attempts} attempt(s); last: {self.last_error}")
 
     # --- sending -------------------------------------------------------------------------
 
-    def _send(self, up: UpstreamConnection) -> None:
-        """Write the head, and the body so far, to ``up``."""
-        self.upstream = up
-        up.begin(self, self.method == b"HEAD")
-        transport = up.transport
-        assert transport is not None
-        conn = self.conn
-        if conn.write_paused:
-            transport.pause_reading()
-        replay = self.replay
+
+
+    def request_body(self, body: bytes) -> None:
+        """Body bytes from the client: kept until sent, re-chunked when the request is."""
+        size = len(body)
         pending = self.pending
-        if replay or pending:
-            parts = [self.head]
-            if replay:
-                parts += replay
-            if pending:
-                parts += pending
-                self._keep(pending)
-                self.pending = None
-                self.pending_size = 0
-            transport.writelines(parts)
+        if pending is None:
+            pending = self.pending = []
+        if self.req.chunked:
+            pending += (b"%x\r\n" % size, body, b"\r\n")
+            size += 8
         else:
-            transport.write(self.head)
-        self.t_sent = now()
-        self.sent = False
-        if transport.is_closing():
-            self._write_failed(up)
-            return
-        if self.request_done:
-            self.sent = True
-            self._arm_timer()
-        if conn.paused:
-            conn.check_buffers()
+            pending.append(body)
+        self.pending_size += size
 
-    def flush_request(self) -> None:
-        """Send request body bytes that arrived since; note when the request is all out."""
-        up = self.upstream
-        if up is None or up.spliced:
-            return
-        pending = self.pending
-        if pending:
-            up.transport.writelines(pending)  # type: ignore[union-attr]
-            self._keep(pending)
-            self.pending = None
-            self.pending_size = 0
-        if self.request_done and not self.sent:
-            self.sent = True
-            self._arm_timer()
+    def request_end(self) -> None:
+        """The client sent the whole request (it goes out with the next flush)."""
+        if self.req.chunked:
+            if self.pending is None:
+                self.pending = []
+            self.pending.append(b"0\r\n\r\n")
+        self.request_done = True
 
-    def _keep(self, chunks: list[bytes]) -> None:
-        """Remember sent body bytes for a retry, while they fit the replay buffer."""
-        if self.replayable:
-            size = self.replay_size + self.pending_size
-            if size > REPLAY_LIMIT:
-                self.replayable = False
-                self.replay = None
-            else:
-                self.replay_size = size
-                if self.replay is None:
-                    self.replay = list(chunks)
-                else:
-                    self.replay += chunks
 
-    def _write_failed(self, up: UpstreamConnection) -> None:
-        """The connection was dead before the request reached it: nothing was delivered."""
-        self.upstream = None
-        up.close()
-        if up.reused and not self.stale_retry:
-            self.stale_retry = True
-            self._spawn(self._open(self.backend))  # type: ignore[arg-type]
-        else:
-            self._connect_failed("connection closed before the request was sent")
 
-    def _arm_timer(self) -> None:
-        """Wait at most ``timeouts.read`` for the next bytes of the answer."""
-        up = self.upstream
-        assert up is not None and self.pool is not None
-        self.timer_mark = up.received
-        self.deadline = now() + self.pool.config.timeouts.read
-        self.conn.state.deadlines.watch(self)
 
-    def read_deadline(self) -> None:
-        """``timeouts.read`` passed: if no byte came meanwhile, give up on this backend."""
-        up = self.upstream
-        if up is None or self.finished:
-            self._cancel_timer()
-            return
-        if up.received != self.timer_mark:
-            self._arm_timer()  # bytes came: wait another full period from now
-            return
-        self._broke(up, "timeout", f"no answer within {self.pool.config.timeouts.read:g}s")  # type: ignore
 
-    def _cancel_timer(self) -> None:
-        if self.deadline:
-            self.deadline = 0.0
-            self.conn.state.deadlines.forget(self)
+
 
     # --- the answer (upstream.ResponseSink) ----------------------------------------------
 
-    def upstream_head(self, up: UpstreamConnection) -> None:
-        status = up.status
-        if status == 101 and not self.websocket:
+    def upstream_head(self, head: ResponseHead) -> None:
+        status = head.status
+        req = self.req
+        if status == 101 and not req.websocket:
             raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
         self.status = status
         self.t_head = now()
         settings = self.settings
-        close = not self.keep_alive or self.conn.closing or (self.websocket and status != 101)
-        parts = [_status_line(status, up.reason)]
-        parts += up.lines
+        close = not req.keep_alive or self.conn.closing or (req.websocket and status != 101)
+        parts = [status_line(status, head.reason)]
+        parts += head.lines
         parts += (settings.via_response, b"X-Request-ID: ", self.rid, b"\r\n")  # type: ignore
-        framing = up.framing
-        if framing == NO_BODY:
-            self.out_framing = O_NONE
-        elif framing == LENGTH:
-            self.out_framing = O_RAW
-        elif self.http10:
-            self.out_framing = O_RAW  # HTTP/1.0 has no chunks: the body ends with the connection
-            close = True
-        else:
-            self.out_framing = O_CHUNK
-            parts.append(b"Transfer-Encoding: chunked\r\n")
         if status == 101:
-            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
-        elif close:
-            parts.append(b"Connection: close\r\n")
-        elif self.http10:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+            self.out_framing = O_NONE
+            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        else:
+            self.out_framing, close, lines = ANSWER_FRAMING[head.framing][req.http10][close]
+            parts += (lines, b"\r\n")
         self.close = close
         self.out.append(b"".join(parts))
         self.head_built = True
 
-    def upstream_informational(self, up: UpstreamConnection) -> None:
-        if not self.http10:  # HTTP/1.0 clients do not expect 1xx
-            self.out.append(b"".join([_status_line(up.status, up.reason), *up.lines, b"\r\n"]))
+    def upstream_informational(self, head: ResponseHead) -> None:
+        if not self.req.http10:  # HTTP/1.0 clients do not expect 1xx
+            self.out.append(b"".join([status_line(head.status, head.reason), *head.lines,
+                                      b"\r\n"]))
 
     def upstream_body(self, data: bytes) -> None:
         size = len(data)
@@ -541,7 +283,7 @@ class Exchange:
             trailers = up.trailers
             out.append(b"0\r\n" + b"".join(trailers) + b"\r\n" if trailers else b"0\r\n\r\n")
         if out:
-            self.conn.transport.writelines(out)  # type: ignore[union-attr]
+            self.conn.send_all(out)
             out.clear()
             self.committed = self.head_built
         if up.complete:
@@ -561,7 +303,7 @@ class Exchange:
             out.append(rest)
         conn = self.conn
         held = conn.start_splice(self)
-        conn.transport.writelines(out)  # type: ignore[union-attr]
+        conn.send_all(out)
         out.clear()
         self.committed = True
         if held and self.upstream is not None:
@@ -569,94 +311,35 @@ class Exchange:
 
     def upstream_raw(self, data: bytes) -> None:
         self.bytes_out += len(data)
-        self.conn.transport.write(data)  # type: ignore[union-attr]
+        self.conn.send_all((data,))
 
-    def client_raw(self, data: bytes) -> None:
-        up = self.upstream
-        if up is not None:
-            up.transport.write(data)  # type: ignore[union-attr]
 
-    def upstream_failed(self, kind: str, detail: str) -> None:
-        up = self.upstream
-        if up is not None:
-            self._broke(up, kind, detail)
 
-    def upstream_pause(self) -> None:
-        self.conn.pause(P_UPSTREAM)
 
-    def upstream_resume(self) -> None:
-        self.conn.resume(P_UPSTREAM)
 
-    def _broke(self, up: UpstreamConnection, kind: str, detail: str) -> None:
-        """The attempt on ``up`` failed: retry where safe, else answer or abort."""
-        self.upstream = None
-        up.close()
-        self._cancel_timer()
-        if up.spliced:  # a WebSocket closed by the backend: the session is over
-            self._finish_backend(101)
-            self.close = True
-            self._done()
-            return
-        if self.committed:  # the client has part of the answer: it must see it fail
-            self._finish_backend(self.status, error=kind)
-            self.abort = True
-            self._done()
-            return
-        self.out.clear()
-        self.head_built = False
-        backend = self.backend
-        assert backend is not None and self.pool is not None
-        safe = self.method in IDEMPOTENT and self.replayable
-        if kind == "timeout":
-            self._finish_backend(0, error=kind, latency=now() - self.t_sent)
-            self.last_error = (f"backend {backend.name} did not answer within "
-                               f"{self.pool.config.timeouts.read:g}s")
-            self.last_status = 504
-            if safe and not self.timed_out and self.attempts <= self.pool.config.retries:
-                self.timed_out = True  # once: a second timeout is answered (the wait is bounded)
-                self.tried += (backend,)
-                self._attempt()  # another backend, or 504 when there is none (_no_backend)
-                return
-            self.respond_local(504, self.last_error)
-            return
-        if safe and up.reused and up.received == 0 and not self.stale_retry:
-            # A pooled connection the backend had closed: not the backend's failure.
-            self.stale_retry = True
-            self._spawn(self._open(backend))
-            return
-        self._finish_backend(0, error=kind, latency=None)
-        self.last_error = f"{backend.name}: {detail}"
-        self.last_status = 502
-        if safe and self.attempts <= self.pool.config.retries:
-            self.tried += (backend,)
-            self._attempt()
-            return
-        self.respond_local(502, f"backend {backend.name} failed: {detail}")
+
 
     # --- ending --------------------------------------------------------------------------
 
-    def _finish_backend(self, status: int, error: str | None = None,
-                        latency: float | None | Any = ...) -> None:
-        """Tell the pool this attempt is over (exactly once per acquired backend)."""
-        backend = self.backend
-        if backend is None:
-            return
-        self.backend = None
-        self.backend_name = backend.name
-        if status == 0 and error is None:  # the client left or was refused: nothing to count
-            self.pool.release(backend)  # type: ignore[union-attr]
-            return
-        if latency is ...:
-            latency = self.t_head - self.t_sent if self.t_head else None
-        self.pool.finish(backend, status=status, latency=latency, error=error)  # type: ignore
+
+    def _end(self, close: bool = False, abort: bool = False) -> None:
+        if close:
+            self.close = True
+        if abort:
+            self.abort = True
+        self._done()
+
+    def _discard_answer(self) -> None:
+        self.out.clear()
+        self.head_built = False
 
     def respond_local(self, status: int, detail: str, retry_after: int | None = None) -> None:
         """Answer with our own short error response."""
         conn = self.conn
         if self.rid is None:
             self.rid = new_request_id()
-        close = (not self.keep_alive or conn.closing or not self.request_done
-                 or self.websocket or self.reject is not None)
+        close = (not self.req.keep_alive or conn.closing or not self.request_done
+                 or self.req.websocket or self.reject is not None)
         self.status = status
         self.close = close
         if status >= 500 and self.pool is not None:  # no backend addresses to the client
@@ -665,9 +348,7 @@ class Exchange:
                 log.info("request %s answered %d: %s", self.rid.decode("latin-1"), status,
                          detail)
                 detail = public
-        transport = conn.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(error_response(status, self.rid, detail, close, retry_after))
+        conn.send(error_response(status, self.rid, detail, close, retry_after))
         self.committed = True
         self._done()
 
@@ -690,12 +371,6 @@ class Exchange:
         self._finish_backend(self.status)
         self._done()
 
-    def _drop_upstream(self) -> None:
-        up = self.upstream
-        if up is not None:
-            self.upstream = None
-            up.close()
-        self._cancel_timer()
 
     def _give_up(self, status: int, detail: str, error: str | None) -> None:
         """Stop this attempt and answer ``status``, or abort when the answer has begun."""
@@ -708,8 +383,8 @@ class Exchange:
             self.respond_local(status, detail)
 
     def _bug(self) -> None:
-        log.exception("bug while forwarding %s %s", self.method.decode("latin-1"),
-                      self.target.decode("latin-1"))
+        log.exception("bug while forwarding %s %s", self.req.method.decode("latin-1"),
+                      self.req.target.decode("latin-1"))
         if not self.finished:
             self._give_up(500, "internal error", "protocol")
 
@@ -718,8 +393,6 @@ class Exchange:
             return
         self.finished = True
         conn = self.conn
-        if self.counted:
-            conn.state.in_flight -= 1
         if self.settings.access_log and accesslog.enabled():
             try:
                 self._log()
@@ -732,6 +405,7 @@ class Exchange:
 
     def _log(self) -> None:
         pool = self.pool
+        req = self.req
         keys = ""
         recorders = self.settings.access_keys  # None unless a pool records hashed inputs
         if recorders is not None and pool is not None and self.ctx is not None:
@@ -739,15 +413,13 @@ class Exchange:
             if recorder is not None:
                 keys = recorder(self.ctx)
         accesslog.write(
-            self.rid or b"-", self.conn.client_ip, self.method, self.url,
+            self.rid or b"-", self.conn.client_ip, req.method, req.url,
             pool.name if pool is not None else None, self.backend_name,
             499 if self.client_gone and not self.committed else self.status,
             self.t_head - self.t_sent if self.t_head else None,
-            now() - self.t_start if self.t_start else 0.0, self.bytes_out, self.host, keys)
+            now() - self.t_start if self.t_start else 0.0, self.bytes_out, req.host, keys)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.task = asyncio.get_running_loop().create_task(coro)
 
     def __repr__(self) -> str:
-        return (f"<Exchange {self.method.decode('latin-1')} {self.url.decode('latin-1')}"
+        return (f"<Exchange {self.req.method.decode('latin-1')} {self.req.url.decode('latin-1')}"
                 f" status={self.status}{' finished' if self.finished else ''}>")

@@ -33,12 +33,11 @@ import fcntl
 import logging
 import struct
 import termios
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from balancer.proxy import ClientConnection, ProxySettings, ProxyState
-
-__all__ = ["ClientTimers", "FIRST", "IDLE", "HEAD", "BODY", "SEND"]
+__all__ = ["ClientTimers", "Timed", "FIRST", "IDLE", "HEAD", "BODY", "SEND",
+           "unacked"]
 
 log = logging.getLogger("balancer.proxy")
 
@@ -46,18 +45,62 @@ NONE, FIRST, IDLE, HEAD, BODY, SEND = range(6)
 NAMES = {FIRST: "header", IDLE: "keepalive", HEAD: "header", BODY: "body", SEND: "send"}
 
 
+class Timed(Protocol):
+    """A client connection as the sweep sees it (``proxy.ClientConnection``).
+
+    The four ``timer_*`` fields are this module's record of the connection (what it last saw
+    the connection wait for, and since when): kept on the connection it times, so an idle
+    connection pays no extra object, and written only here."""
+
+    timer_phase: int
+    timer_of: object
+    timer_mark: int
+    timer_since: float
+
+    def waiting_for(self) -> tuple[int, object, int]:
+        """(phase, the request concerned, a progress mark) as in the table above."""
+
+    def timed_out(self, phase: int, limit: float) -> None:
+        """The client took longer than ``limit`` seconds in ``phase``."""
+
+    def abort(self) -> None: ...
+
+
+class Limits(Protocol):
+    """The client timeouts, in seconds (``proxy.ProxySettings`` has them)."""
+
+    @property
+    def header_timeout(self) -> float: ...
+    @property
+    def body_timeout(self) -> float: ...
+    @property
+    def keepalive_timeout(self) -> float: ...
+    @property
+    def send_timeout(self) -> float: ...
+
+
+class Place(Protocol):
+    """What is swept (``proxy.ProxyState``): its connections, and the limits of the day."""
+
+    @property
+    def connections(self) -> Collection[Timed]: ...
+
+    @property
+    def settings(self) -> Limits: ...
+
+
 class ClientTimers:
     """The sweep over one ProxyState's connections; counts what it cut, by timeout."""
 
     __slots__ = ("state", "handle", "fired")
 
-    def __init__(self, state: ProxyState) -> None:
+    def __init__(self, state: Place) -> None:
         self.state = state
         self.handle: asyncio.TimerHandle | None = None
         self.fired = {"header": 0, "body": 0, "keepalive": 0, "send": 0}
 
     @staticmethod
-    def interval(settings: ProxySettings) -> float:
+    def interval(settings: Limits) -> float:
         """A quarter of the shortest limit, between 50 ms and 1 s."""
         shortest = min(settings.header_timeout, settings.body_timeout,
                        settings.keepalive_timeout, settings.send_timeout)
@@ -85,13 +128,12 @@ class ClientTimers:
                 self._check(conn, t, settings)
             except Exception:  # a bug must cost this connection, never the sweep
                 log.exception("bug while timing %r", conn)
-                if conn.transport is not None:
-                    conn.transport.abort()
+                conn.abort()
         if state.connections:
             self.handle = loop.call_later(self.interval(settings), self._sweep)
 
-    def _check(self, conn: ClientConnection, t: float, settings: ProxySettings) -> None:
-        phase, of, mark = _phase(conn)
+    def _check(self, conn: Timed, t: float, settings: Limits) -> None:
+        phase, of, mark = conn.waiting_for()
         if phase != conn.timer_phase or of is not conn.timer_of or mark != conn.timer_mark:
             conn.timer_phase, conn.timer_of, conn.timer_mark = phase, of, mark
             conn.timer_since = t
@@ -107,29 +149,7 @@ class ClientTimers:
             conn.timed_out(phase, limit)
 
 
-def _phase(conn: ClientConnection) -> tuple[int, object, int]:
-    """What ``conn`` waits for from its client: (phase, the request concerned, progress)."""
-    transport = conn.transport
-    if (transport is None or conn.splice is not None or conn.lingering is not None
-            or transport.is_closing()):
-        return NONE, None, 0
-    if conn.write_paused:
-        return SEND, conn.current, transport.get_write_buffer_size() + _unacked(transport)
-    if conn.paused:  # we hold the client back: not its fault
-        return NONE, None, 0
-    parsing = conn.parsing
-    if parsing is not None:
-        if not parsing.headers_done:
-            return HEAD, parsing, 0
-        if not parsing.request_done:
-            return BODY, parsing, parsing.body_size
-        return NONE, None, 0
-    if conn.current is None and not conn.backlog:
-        return (FIRST, None, 0) if conn.served == 0 else (IDLE, None, conn.served)
-    return NONE, None, 0
-
-
-def _unacked(transport: Any) -> int:
+def unacked(transport: Any) -> int:
     """Bytes the kernel holds for the client, sent or not, not yet acknowledged (0 if unknown)."""
     sock = transport.get_extra_info("socket")
     if sock is None:

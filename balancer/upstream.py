@@ -22,13 +22,26 @@ from typing import TYPE_CHECKING, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from balancer.http1 import (
+    CHUNKED,
+    LENGTH,
+    NO_BODY,
+    PLAIN_CONNECTION,
+    R_CODING,
+    R_CONNECTION,
+    R_LENGTH,
+    RESPONSE_HEADERS,
+    UNTIL_CLOSE,
+    ResponseHead,
+    connection_tokens,
+    drop_named,
+)
 from balancer.tls import connect_options
 
 if TYPE_CHECKING:
     from balancer.backend import Backend
 
-__all__ = ["BadResponse", "HeaderKinds", "PLAIN_CONNECTION", "UpstreamConnection",
-           "connection_tokens", "UpstreamPool", "ResponseSink", "IDLE_TIMEOUT",
+__all__ = ["BadResponse", "UpstreamConnection", "UpstreamPool", "ResponseSink", "IDLE_TIMEOUT",
            "MAX_IDLE"]
 
 log = logging.getLogger("balancer.upstream")
@@ -38,37 +51,6 @@ MAX_IDLE = 256
 #: Seconds an idle pooled connection is kept. Below the 5 s keep-alive of common app servers
 #: (uvicorn, node), so we close first and rarely race a backend closing an idle connection.
 IDLE_TIMEOUT = 4.0
-
-# Response framing, as the backend sent it.
-NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
-
-class HeaderKinds(dict):  # type: ignore[type-arg]
-    """Header name, as spelled on the wire → what to do with it (0: pass it on).
-
-    Looked up by the exact bytes received, so the common spellings cost one dict lookup and no
-    ``lower()``; a new spelling is classified case-insensitively once and remembered.
-    """
-
-    def __init__(self, table: dict[bytes, int]) -> None:
-        super().__init__()
-        self.table = table
-
-    def __missing__(self, name: bytes) -> int:
-        kind = self.table.get(name.lower(), 0)
-        if len(self) < 4096:  # a bound against clients inventing spellings
-            self[name] = kind
-        return kind
-
-
-# Response headers that never go to the client as received: hop-by-hop ones (RFC 9110 §7.6.1),
-# the framing we redo ourselves, and the request id we set.
-R_PASS, R_DROP, R_CONNECTION, R_LENGTH, R_CODING = range(5)
-_RESPONSE_HEADERS = HeaderKinds({
-    b"connection": R_CONNECTION, b"keep-alive": R_DROP, b"proxy-connection": R_DROP,
-    b"te": R_DROP, b"trailer": R_DROP, b"transfer-encoding": R_CODING, b"upgrade": R_DROP,
-    b"proxy-authenticate": R_DROP, b"proxy-authorization": R_DROP, b"x-request-id": R_DROP,
-    b"content-length": R_LENGTH,
-})
 
 
 class BadResponse(Exception):
@@ -82,10 +64,10 @@ class _Surplus(Exception):
 class ResponseSink(Protocol):
     """What an UpstreamConnection reports to (the proxy's per-request object)."""
 
-    def upstream_head(self, conn: UpstreamConnection) -> None:
-        """A final response head is parsed (``conn.status``, ``conn.lines``, framing)."""
+    def upstream_head(self, head: ResponseHead) -> None:
+        """A final response head is parsed (a 101 too)."""
 
-    def upstream_informational(self, conn: UpstreamConnection) -> None:
+    def upstream_informational(self, head: ResponseHead) -> None:
         """A 1xx response (other than 101) is parsed."""
 
     def upstream_body(self, data: bytes) -> None:
@@ -110,29 +92,14 @@ class ResponseSink(Protocol):
         """The backend caught up."""
 
 
-#: Connection header values that name no other header (the common ones, as spelled).
-PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))
-
-
-def connection_tokens(value: bytes, named: list[bytes] | None) -> list[bytes] | None:
-    """Add the header names a Connection header lists (beyond close/keep-alive) to ``named``."""
-    for token in value.lower().split(b","):
-        token = token.strip()
-        if token and token != b"close" and token != b"keep-alive":
-            if named is None:
-                named = []
-            named.append(token)
-    return named
-
-
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a backend, serving one request at a time."""
 
     __slots__ = (
         "upstream", "transport", "parser", "sink", "reused", "lost", "idle_since", "spliced",
         # Per-response state, reset at every message
-        "status", "reason", "lines", "framing", "keep_alive", "head_request", "complete",
-        "garbage", "named", "trailers", "in_trailers", "received",
+        "head", "keep_alive", "head_request", "complete", "garbage", "trailers", "in_trailers",
+        "received",
     )
 
     def __init__(self, upstream: UpstreamPool) -> None:
@@ -147,14 +114,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        self.status = 0
-        self.reason = b""
-        self.lines: list[bytes] = []
-        self.framing = UNTIL_CLOSE
+        self.head = ResponseHead()
         self.keep_alive = False
         self.complete = False
         self.garbage = False
-        self.named: list[bytes] | None = None  # header names listed in Connection
         self.trailers: list[bytes] | None = None
         self.in_trailers = False
         self.received = 0  # bytes read for the current request (anything at all: not stale)
@@ -189,7 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            if self.status == 101:
+            if self.head.status == 101:
                 self.spliced = True
                 sink.upstream_upgraded(data[exc.args[0]:])
                 return
@@ -197,7 +160,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         except HttpParserError as exc:
             cause = exc.__context__
-            if self.complete and self.status >= 200 and (
+            if self.complete and self.head.status >= 200 and (
                     cause is None or isinstance(cause, (_Surplus, HttpParserError))):
                 # Bytes past the end of a complete response (a body longer than its
                 # Content-Length, a second response): the parser framed the answer, which goes
@@ -240,7 +203,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.spliced:
             sink.upstream_failed("closed", "")
-        elif self.framing == UNTIL_CLOSE and self.status >= 200 and exc is None:
+        elif self.head.framing == UNTIL_CLOSE and self.head.status >= 200 and exc is None:
             # A body delimited by the end of the connection ends here, complete.
             self.complete = True
             self.keep_alive = False
@@ -264,7 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Surplus
 
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason
+        self.head.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_trailers:
@@ -272,38 +235,39 @@ class UpstreamConnection(asyncio.Protocol):
                 self.trailers = []
             self.trailers.append(name + b": " + value + b"\r\n")
             return
-        kind = _RESPONSE_HEADERS[name]
+        kind = RESPONSE_HEADERS[name]
         if not kind:
-            self.lines.append(name + b": " + value + b"\r\n")
+            self.head.lines.append(name + b": " + value + b"\r\n")
         elif kind == R_LENGTH:
-            self.lines.append(name + b": " + value + b"\r\n")
-            self.framing = LENGTH
+            self.head.lines.append(name + b": " + value + b"\r\n")
+            self.head.framing = LENGTH
         elif kind == R_CODING:
             if value.strip().lower() != b"chunked":
                 # Only chunked is implemented; passing other codings on would mislabel the body.
                 raise BadResponse(f"unsupported transfer-coding {value.decode('latin-1')!r}")
-            self.framing = CHUNKED
+            self.head.framing = CHUNKED
         elif kind == R_CONNECTION:
             if value not in PLAIN_CONNECTION:
-                self.named = connection_tokens(value, self.named)
+                self.head.named = connection_tokens(value, self.head.named)
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        status = self.status = parser.get_status_code()
+        head = self.head
+        status = head.status = parser.get_status_code()
         self.keep_alive = parser.should_keep_alive()
         if status < 200:
             if status != 101:
-                self.sink.upstream_informational(self)  # type: ignore[union-attr]
+                self.sink.upstream_informational(head)  # type: ignore[union-attr]
             else:
-                self.framing = NO_BODY
-                self.sink.upstream_head(self)  # type: ignore[union-attr]
+                head.framing = NO_BODY
+                self.sink.upstream_head(head)  # type: ignore[union-attr]
             return
-        if self.named is not None:
-            self._drop_named()
+        if head.named is not None:  # they are hop-by-hop too
+            head.lines = drop_named(head.lines, head.named)
         if self.head_request or status == 204 or status == 304:
-            self.framing = NO_BODY
+            head.framing = NO_BODY
         self.in_trailers = True
-        self.sink.upstream_head(self)  # type: ignore[union-attr]
+        self.sink.upstream_head(head)  # type: ignore[union-attr]
         if self.head_request:
             # llhttp does not know the request was HEAD and would wait for the body that
             # Content-Length announces: this response is complete, the next parser starts clean.
@@ -317,31 +281,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink.upstream_body(data)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
-        if self.status < 200:
-            if self.status != 101:
-                self._reset_for_final()
+        status = self.head.status
+        if status < 200:
+            if status != 101:
+                self.head = ResponseHead()  # after a 1xx, the final response follows
             return
         self.complete = True
-
-    def _reset_for_final(self) -> None:
-        """After a 1xx: the final response follows on the same parser."""
-        self.status = 0
-        self.reason = b""
-        self.lines = []
-        self.framing = UNTIL_CLOSE
-        self.named = None
-
-    def _drop_named(self) -> None:
-        """Remove the headers the Connection header names (they are hop-by-hop too)."""
-        named = set(self.named or ())
-        self.lines = [line for line in self.lines
-                      if line.partition(b":")[0].lower() not in named]
 
     # --- reading -------------------------------------------------------------------------
 
     @property
     def chunked(self) -> bool:
-        return self.framing == CHUNKED
+        return self.head.framing == CHUNKED
 
     def close(self) -> None:
         """Close now (this connection will not be reused)."""

@@ -115,6 +115,13 @@ CASES = [
     bad("bad input", "Host with a space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
     bad("bad input", "Host with userinfo", b"GET / HTTP/1.1\r\nHost: u@h\r\n\r\n", 400),
     bad("bad input", "Host with a path", b"GET / HTTP/1.1\r\nHost: h/x\r\n\r\n", 400),
+    bad("conformance", "empty Host value (RFC 9110 §4.2.1)",
+        b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 400),
+    bad("conformance", "empty Host value in HTTP/1.0", b"GET / HTTP/1.0\r\nHost:\r\n\r\n", 400),
+    bad("conformance", "Host with a port and no host", b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n",
+        400),
+    bad("conformance", "absolute target with an empty host",
+        b"GET http://:80/ HTTP/1.1\r\nHost: h\r\n\r\n", 400),
     bad("bad input", "CONNECT", b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", 405),
     bad("bad input", "unknown expectation",
         POST + b"Content-Length: 2\r\nExpect: 200-ok\r\n\r\nhi", 417),
@@ -177,6 +184,10 @@ CASES = [
     bad("smuggling", "chunk extension of 100 KB, in pieces",
         (CHUNKED + b"\r\n5;ext=", *(b"x" * 10_000 for _ in range(10)), b"\r\nhello\r\n0\r\n\r\n"),
         400),
+    bad("smuggling", "chunk extension of 100 KB, in the head's read",
+        CHUNKED + b"\r\n5;ext=" + b"x" * 100_000 + b"\r\nhello\r\n0\r\n\r\n", 400),
+    bad("smuggling", "chunk extension of 100 KB, in the read that ends a split head",
+        (CHUNKED, b"\r\n5;ext=" + b"x" * 100_000 + b"\r\nhello\r\n0\r\n\r\n"), 400),
     bad("smuggling", "chunk size padded with 100 KB of zeros, in pieces",
         (CHUNKED + b"\r\n", *(b"0" * 10_000 for _ in range(10)), b"5\r\nhello\r\n0\r\n\r\n"),
         400),
@@ -318,6 +329,11 @@ def _hop_by_hop_dropped(reqs: list[Parsed], wire: bytes) -> None:
     assert req.header(b"x-end-to-end") == [b"kept"]
 
 
+def _upgrade_ignored(reqs: list[Parsed], wire: bytes) -> None:
+    req = _one(reqs)  # RFC 9110 §7.8: a server MUST ignore Upgrade in an HTTP/1.0 request
+    assert req.header(b"upgrade") == [] and b"pgrade" not in wire, wire
+
+
 def _pipelined(reqs: list[Parsed], wire: bytes) -> None:
     assert [(r.method, r.url, r.body) for r in reqs] == [
         (b"POST", b"/first", b"GET /smuggled HTTP/1.1\r\n\r\n"), (b"GET", b"/second", b"")]
@@ -352,6 +368,10 @@ ODD = [
         b"keep-alive\r\nKeep-Alive: 5\r\nTE: trailers\r\nConnection: X-Secret, Upgrade, "
         b"HTTP2-Settings\r\nX-Secret: s\r\nUpgrade: h2c\r\nHTTP2-Settings: AAA\r\n"
         b"X-End-To-End: kept\r\n\r\n", _hop_by_hop_dropped),
+    Odd("Upgrade in an HTTP/1.0 request is ignored",
+        b"GET /chat HTTP/1.0\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        _upgrade_ignored),
     Odd("a request line inside a body stays body",
         b"POST /first HTTP/1.1\r\nHost: h\r\nContent-Length: 26\r\n\r\nGET /smuggled HTTP/1.1"
         b"\r\n\r\nGET /second HTTP/1.1\r\nHost: h\r\n\r\n", _pipelined, answers=2),

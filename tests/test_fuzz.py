@@ -1,4 +1,5 @@
-"""Fuzzing the client side: hypothesis throws generated requests at ``balancer run``.
+"""Fuzzing the client side: hypothesis throws generated requests at ``balancer run``, and the
+same inputs straight at the sans-IO HTTP/1 layer (``http1.RequestParser``), cut into reads.
 
 Inputs: valid requests built from parts (methods, targets, versions, headers, framings), the
 same mutated at the byte level (inserted, deleted, duplicated and replaced bytes, CRLF turned to
@@ -34,6 +35,8 @@ from httptools import HttpParserError, HttpResponseParser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from balancer.http1 import Reject, RequestHead, RequestParser
+from balancer.proxy import ProxySettings
 from tests.support.hardening import FUZZ_ENV, record
 from tests.support.net import free_port, run_app
 from tests.support.proc import READY, BalancerProcess, pool_config, write_config
@@ -330,3 +333,72 @@ def test_fuzzed_requests_get_well_formed_answers_and_the_proxy_stays_up(stand: S
            if "Traceback" in line or re.search(r"\b(ERROR|CRITICAL)\b", line)]
     assert bad == [], "\n".join(bad[:20])
     assert stand.examples >= min(EXAMPLES, 100)
+
+
+# --------------------------------------------------------------------------- the sans-IO layer
+
+
+class Recorder:
+    """An ``http1.RequestSink`` (and BodySink) that writes down what comes out: a head as
+    (method, target, Host), then its body bytes, then "end"."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.last: RequestHead | None = None
+
+    def request_head(self, head: RequestHead) -> Recorder:
+        self.last = head
+        self.events.append((head.method, head.target, head.host_raw, head.chunked))
+        return self
+
+    def request_body(self, data: bytes) -> None:
+        if self.events and isinstance(self.events[-1], bytes):
+            self.events[-1] += data
+        else:
+            self.events.append(data)
+
+    def request_end(self) -> None:
+        self.events.append("end")
+
+
+class Place:
+    settings = ProxySettings()
+
+
+def sans_io(reads: list[bytes]) -> tuple[list[object], int | None]:
+    """Feed ``reads`` as ClientConnection does (after an upgrade: a WebSocket keeps the rest,
+    another upgrade goes on in HTTP/1.1): what came out, and the refusal's status if any."""
+    sink = Recorder()
+    parser = RequestParser(sink, Place())
+    try:
+        for data in reads:
+            while data:
+                at = parser.feed(data)
+                if at < 0:
+                    break
+                if sink.last is not None and sink.last.websocket:
+                    return sink.events, None
+                data = data[at:]
+    except Reject as refused:
+        assert refused.bug is None, f"a bug, not a refusal: {refused.bug!r}"
+        return sink.events, refused.status
+    return sink.events, None
+
+
+@settings(max_examples=EXAMPLES * 3, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.filter_too_much])
+@given(data=inputs, cuts=st.lists(st.integers(0, 1000), max_size=4))
+def test_the_sans_io_layer_refuses_cleanly_and_reads_the_same_however_the_bytes_are_cut(
+        data: bytes, cuts: list[int]) -> None:
+    """Every input is heads, bodies and ends in order, or a refusal with a 4xx (501 or 505),
+    never a bug or another exception; an input read whole reads the same cut anywhere."""
+    events, status = sans_io([data])
+    assert status is None or 400 <= status < 500 or status in ALLOWED_5XX, (status, data)
+    ends = [i for i, e in enumerate(events) if e == "end"]
+    heads = [i for i, e in enumerate(events) if isinstance(e, tuple)]
+    assert len(ends) <= len(heads) <= len(ends) + 1 and all(h < e for h, e in zip(heads, ends))
+    if status is None:
+        points = sorted({c for c in cuts if 0 < c < len(data)})
+        reads = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+        assert sans_io(reads) == (events, None), (reads, events)
