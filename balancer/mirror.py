@@ -242,11 +242,12 @@ class Mirror:
         #: The latest in-flight count per worker and slot (a gauge: summed, never added up).
         self._in_flight: dict[int, dict[Slot, int]] = {}
 
-    def fold(self, worker: int, report: Mapping[str, Any], pools: Mapping[str, Pool]) -> bool:
-        """Add ``report`` (from ``Reporter.report``); True when a worker ejected a backend."""
+    def fold(self, worker: int, report: Mapping[str, Any], pools: Mapping[str, Pool]) -> int:
+        """Add ``report`` (from ``Reporter.report``); returns the answered requests it adds."""
         current = slots(pools)
         flights: dict[Slot, int] = {}
         ejected = False
+        answered = 0
         for slot, entry in report["backends"].items():
             b = current.get(slot)
             if b is None:  # removed since the worker counted it: its counters went with it
@@ -255,6 +256,7 @@ class Mirror:
                 for i, n in enumerate(entry["by_class"]):
                     b.requests_by_class[i] += n
                 b.requests_total += sum(entry["by_class"])
+                answered += sum(entry["by_class"])
                 for kind, n in entry["errors"].items():
                     b.errors[kind] = b.errors.get(kind, 0) + n
                 for i, n in enumerate(entry["latency"]):
@@ -279,7 +281,7 @@ class Mirror:
         if ejected:
             for pool in pools.values():
                 pool.state_changed()
-        return ejected
+        return answered
 
     def forget(self, worker: int, pools: Mapping[str, Pool]) -> None:
         """A worker died: its in-flight requests are gone; its counters stay counted."""

@@ -82,6 +82,7 @@ class WorkerProcess:
         self.pid = 0
         self.up = False
         self.restarts = 0
+        self.requests = 0  # answered by this worker (and those it replaced), as reported
         self.started = 0.0
         self.config_sha256: str | None = None
         self.ready: asyncio.Future[None] | None = None
@@ -92,7 +93,8 @@ class WorkerProcess:
 
     def describe(self) -> dict[str, Any]:
         return {"worker": self.index, "pid": self.pid, "up": self.up,
-                "restarts": self.restarts, "config_sha256": self.config_sha256}
+                "restarts": self.restarts, "requests": self.requests,
+                "config_sha256": self.config_sha256}
 
 
 class Supervisor(App):
@@ -180,7 +182,8 @@ class Supervisor(App):
             while True:
                 message = await read_message(reader)
                 if "report" in message:
-                    self.mirror.fold(wp.index, message["report"], self.pools)
+                    wp.requests += self.mirror.fold(wp.index, message["report"], self.pools)
+                    self._publish()
                 elif "applied" in message:
                     wp.config_sha256 = message["applied"]
                     self._publish()
