@@ -81,8 +81,8 @@ class BalancerCollector(Collector):
         state = self.app.state  # the client side (balancer/proxy.py)
         if state is not None:
             yield from _client_metrics(state)
-        if self.app.workers:  # balancer run --workers N (balancer/supervisor.py)
-            yield from _worker_metrics(self.app.workers)
+        # balancer run --workers N (balancer/supervisor.py); one process is worker 0, up.
+        yield from _worker_metrics(self.app.workers or ({"worker": 0, "up": 1, "restarts": 0},))
 
     # --- per backend ---------------------------------------------------------------------
 
