@@ -37,7 +37,7 @@ from typing import Any
 from balancer.app import App, StartError, _reason
 from balancer.config import Address, Config
 from balancer.loading import Applied
-from balancer.mirror import Mirror, frame, health_state, read_message
+from balancer.mirror import Mirror, frame, health_state, read_message, slots
 
 log = logging.getLogger("balancer.app")
 
@@ -83,6 +83,7 @@ class WorkerProcess:
         self.up = False
         self.restarts = 0
         self.requests = 0  # answered by this worker (and those it replaced), as reported
+        self.ejected: list[str] = []  # pool/backend it holds ejected, as last reported
         self.started = 0.0
         self.config_sha256: str | None = None
         self.ready: asyncio.Future[None] | None = None
@@ -94,7 +95,7 @@ class WorkerProcess:
     def describe(self) -> dict[str, Any]:
         return {"worker": self.index, "pid": self.pid, "up": self.up,
                 "restarts": self.restarts, "requests": self.requests,
-                "config_sha256": self.config_sha256}
+                "ejected": self.ejected, "config_sha256": self.config_sha256}
 
 
 class Supervisor(App):
@@ -110,6 +111,7 @@ class Supervisor(App):
         self.procs = [WorkerProcess(i) for i in range(count)]
         self._reserved: socket.socket | None = None
         self._pushed: dict[Any, Any] = {}
+        self._workers_key = self.config.workers
 
     # --- what /status and /metrics show ------------------------------------------------
 
@@ -182,7 +184,9 @@ class Supervisor(App):
             while True:
                 message = await read_message(reader)
                 if "report" in message:
-                    wp.requests += self.mirror.fold(wp.index, message["report"], self.pools)
+                    report = message["report"]
+                    wp.requests += self.mirror.fold(wp.index, report, self.pools)
+                    wp.ejected = self._ejected(report)
                     self._publish()
                 elif "applied" in message:
                     wp.config_sha256 = message["applied"]
@@ -221,6 +225,13 @@ class Supervisor(App):
             return  # its _follow says why and starts another one
         log.info("worker %d serving again (pid %d)", wp.index, wp.pid)
 
+    def _ejected(self, report: dict[str, Any]) -> list[str]:
+        """``pool/backend`` of the backends the worker holds ejected now (its last report)."""
+        now, current = time.monotonic(), slots(self.pools)
+        return sorted(f"{slot[0]}/{current[slot].name}"
+                      for slot, entry in report["backends"].items()
+                      if slot in current and entry.get("ejected", (0.0,))[0] > now)
+
     async def _push_loop(self) -> None:
         """Push health verdicts (checks here, ejections from any worker) to every worker."""
         while not self._draining:
@@ -239,6 +250,10 @@ class Supervisor(App):
         message = self._config_message()
         for wp in self.procs:
             wp.send(message)
+        if self.config.workers != self._workers_key:
+            log.warning("workers changed from %s to %s: takes effect on restart",
+                        self._workers_key, self.config.workers)
+            self._workers_key = self.config.workers
         super()._tell_services(skip)
 
     # --- drain -------------------------------------------------------------------------

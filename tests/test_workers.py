@@ -337,3 +337,46 @@ def test_an_ejection_reaches_every_worker_and_a_push_never_shortens_one() -> Non
     apply_health(b.pools, pushed)
     assert not other.available(time.monotonic())
     assert set(slots(b.pools)) == set(pushed)
+
+
+async def test_an_ejection_by_one_worker_holds_in_every_worker(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    async def fail(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="bad")
+
+    bad = web.Application()
+    bad.router.add_get("/{tail:.*}", fail)
+    async with AsyncExitStack() as stack:
+        ports = await _backends(stack, 2)
+        bad_port = await stack.enter_async_context(run_app(bad))
+        pool = pool_config([*ports, bad_port])
+        pool["outlier_detection"] = {"consecutive_failures": 1, "base_ejection": "60s"}
+        bad_name = pool["backends"][2]["name"]
+        rb = RunningBalancer(tmp_path, {"web": pool})
+        rb.proc = BalancerProcess(rb.path, "--workers", "2")
+        await stack.enter_async_context(rb)
+
+        async def ejected() -> list[bool]:
+            return [f"web/{bad_name}" in w["ejected"] for w in (await _status(rb))["workers"]]
+
+        answers: list[str] = []
+
+        async def somewhere() -> bool:
+            # One request at a time, and the reports in before the next: the first answer from
+            # the bad backend ejects it in the worker that sent it there, before any other
+            # worker has sent it a request.
+            answers.extend(await _send(rb.url, 1, clients=1))
+            await asyncio.sleep(0.4)
+            return any(await ejected())
+        await _until(somewhere, "the bad backend ejected by a worker")
+
+        async def everywhere() -> bool:
+            return all(await ejected())
+        await _until(everywhere, "the bad backend ejected in both workers")
+        answers.extend(await _send(rb.url, 60))
+        # One 500 in all: the other worker never sent the bad backend a request of its own
+        # (without the push it would have, and ejected it only then).
+        assert [a for a in answers if a.startswith("error")] == ["error: 500"]
+        status = await _status(rb)
+        assert status["pools"]["web"]["backends"][2]["state"] == "ejected"
