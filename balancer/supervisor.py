@@ -87,6 +87,8 @@ class WorkerProcess:
         self.started = 0.0
         self.config_sha256: str | None = None
         self.ready: asyncio.Future[None] | None = None
+        #: Reads its messages until it exits (then starts the next one, unless draining).
+        self.follow: asyncio.Task[None] | None = None
 
     def send(self, message: bytes) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -166,7 +168,10 @@ class Supervisor(App):
         reader, wp.writer = await asyncio.open_connection(sock=parent)
         wp.send(self._config_message({"listen": (self.address.host, self.address.port)}))
         self._publish()
-        self.spawn(self._follow(wp, reader, wp.proc))
+        wp.follow = task = asyncio.get_running_loop().create_task(
+            self._follow(wp, reader, wp.proc))
+        self._tasks.add(task)  # kept until it ends, like App.spawn's
+        task.add_done_callback(self._tasks.discard)
 
     def _config_message(self, extra: dict[str, Any] | None = None) -> bytes:
         health = health_state(self.pools)
@@ -282,7 +287,10 @@ class Supervisor(App):
             log.warning("workers still running %gs after the drain timeout: killing them", 5.0)
             self._kill_all()
             await asyncio.gather(*waits, return_exceptions=True)
-        await asyncio.sleep(0)  # let the readers fold the workers' last reports
+        # The readers fold each worker's last report (sent as it exits) before they end.
+        follows = [wp.follow for wp in self.procs if wp.follow is not None]
+        if follows:
+            await asyncio.wait(follows, timeout=5.0)
         if self._reserved is not None:
             self._reserved.close()
         await self.fleet.close()

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import io
 import logging
 import os
+import select
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, TextIO, cast
 
 from balancer.app import _proxy_settings
 from balancer.config import Config
@@ -67,6 +69,29 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+class WholeLines(io.TextIOBase):
+    """stderr as N workers share it: every write(2) holds whole lines and at most PIPE_BUF
+    bytes, which a pipe writes at once, so two workers' log lines never tear into each other
+    (the access log writes its batches of lines in one call)."""
+
+    def __init__(self, fd: int = 2) -> None:
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "replace")
+        start = 0
+        while start < len(data):
+            end = start + select.PIPE_BUF
+            if end < len(data):
+                cut = data.rfind(b"\n", start, end)
+                end = cut + 1 if cut >= start else end
+            start += os.write(self.fd, data[start:end])
+        return len(text)
 
 
 class Worker:
@@ -210,7 +235,7 @@ def main(argv: list[str]) -> int:
         return 1
     from balancer.logs import setup_logging
 
-    setup_logging()
+    setup_logging(stream=cast(TextIO, WholeLines()))  # a text stream: all logs.py uses
     result: list[int] = []
 
     async def go() -> None:
