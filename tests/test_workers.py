@@ -380,3 +380,62 @@ async def test_an_ejection_by_one_worker_holds_in_every_worker(tmp_path: Path) -
         assert [a for a in answers if a.startswith("error")] == ["error: 500"]
         status = await _status(rb)
         assert status["pools"]["web"]["backends"][2]["state"] == "ejected"
+
+
+async def test_max_connections_hold_for_the_machine_not_per_worker(tmp_path: Path) -> None:
+    """A limit of 2 per backend over two workers is 1 each: however the kernel spreads eight
+    concurrent clients, no backend ever has more than 2 requests at once (without the split, a
+    worker given 4 of them would send 2 to each backend, the other worker more)."""
+    from aiohttp import web
+
+    now = {"b0": 0, "b1": 0}
+    peak = {"b0": 0, "b1": 0}
+
+    def slow(name: str) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            now[name] += 1
+            peak[name] = max(peak[name], now[name])
+            try:
+                await asyncio.sleep(0.3)
+            finally:
+                now[name] -= 1
+            return web.Response(text=name)
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", handle)
+        return app
+
+    async with AsyncExitStack() as stack:
+        ports = [await stack.enter_async_context(run_app(slow(n))) for n in ("b0", "b1")]
+        pool = pool_config(ports, max_connections=2, queue_timeout="5s")
+        rb = RunningBalancer(tmp_path, {"web": pool})
+        rb.proc = BalancerProcess(rb.path, "--workers", "2")
+        await stack.enter_async_context(rb)
+        answers = await _send(rb.url, 24, clients=8)
+        assert set(answers) == {"b0", "b1"}, answers  # queued for a slot, none turned away
+        assert max(peak.values()) <= 2, peak
+
+
+async def test_tls_on_listen_is_served_by_every_worker(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.support.certs import issue, make_ca
+
+    ca = make_ca(tmp_path)
+    server = issue(tmp_path, ca)
+    async with AsyncExitStack() as stack:
+        ports = await _backends(stack, 2)
+        rb = RunningBalancer(tmp_path, {"web": pool_config(ports)},
+                             tls={"cert": str(server.cert), "key": str(server.key)})
+        rb.proc = BalancerProcess(rb.path, "--workers", "2")
+        await stack.enter_async_context(rb)
+        ctx = ssl.create_default_context(cafile=str(ca.cert))
+        url = rb.url.replace("http://", "https://")
+        connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as s:
+            for _ in range(40):
+                async with s.get(url + "/") as r:
+                    assert r.status == 200
+        async def counted() -> bool:
+            return await _requests_total(rb) == 40
+        await _until(counted, "40 requests counted")
+        assert all(w["requests"] > 0 for w in (await _status(rb))["workers"])
