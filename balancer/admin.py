@@ -166,6 +166,9 @@ def status(app: AppView, monitor: Monitor | None) -> dict[str, Any]:
                   "live_window": config.guard.live_window,
                   "live_min_requests": config.guard.live_min_requests},
         "pools": {name: pool_status(pool, monitor) for name, pool in app.pools.items()},
+        # ``balancer run --workers N``: each worker's pid, whether it serves, its restarts and
+        # the sha256 of the config it applied (the same for all once a reload is applied).
+        "workers": [dict(w) for w in app.workers],
     }
 
 

@@ -26,6 +26,7 @@ from balancer.backend import Backend
 from balancer.config import Address, Config, ConfigError
 from balancer.fleet import Fleet, Plan
 from balancer.loading import (
+    Applied,
     Refused,
     check_file,
     describe_pools,
@@ -80,10 +81,12 @@ class StartError(Exception):
 class App:
     """The running balancer: config, pools, the proxy state, services, and their lifecycle."""
 
-    def __init__(self, config_path: str) -> None:
-        """Load and guard ``config_path``; raises ConfigError / Refused before anything binds."""
+    workers: tuple[dict[str, Any], ...] = ()  # one process: none (balancer/supervisor.py)
+
+    def __init__(self, config_path: str, running: Applied | None = None) -> None:
+        """Load and guard ``config_path`` (``running``: done already); ConfigError / Refused."""
         self.config_path = config_path
-        self.running = check_file(config_path)
+        self.running = running if running is not None else check_file(config_path)
         self.config, self.report = self.running.config, self.running.report
 
         # Live objects, replaced only by _apply()
@@ -92,7 +95,6 @@ class App:
         self.state = ProxyState(Router(self.config.routes, self.pools),
                                 _proxy_settings(self.config))
 
-        # Lifecycle
         self.reloads = {"applied": 0, "refused": 0}
         self.rollbacks = 0
         #: Recent reload outcomes, newest last (/status, the dashboard's marks).
@@ -108,7 +110,6 @@ class App:
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._draining = False
-        self._drained = False
         # TLS on ``listen`` (balancer/tls.py); a reload loads renewed files into it in place.
         self.tls_context = listener_tls(self.config)
 
@@ -161,6 +162,28 @@ class App:
 
     async def start(self) -> None:
         """Bind ``listen``, start the services, and log what is being served."""
+        await self._listen()
+        try:
+            for service in self.services:
+                await service.start(self)
+                self._started.append(service)
+        except OSError as exc:
+            await self._stop_services()
+            if self.server is not None:  # a supervisor (balancer/supervisor.py) has none
+                self.server.close()
+            if service is self.admin:  # AdminServer names the key and address itself
+                raise StartError(str(exc)) from None
+            raise StartError(f"cannot start {type(service).__name__}: {exc}") from None
+        self.started_at = time.time()
+        admin = next((getattr(s, "address", None) for s in self.services  # the bound port
+                      if getattr(s, "address", None) is not None), self.config.admin)
+        log.info("balancer %s listening on %s (admin %s); %s", __version__,
+                 self.address, admin, describe_pools(self.config))
+        for warning in self.report.warnings:
+            log.warning("%s", warning)
+
+    async def _listen(self) -> None:
+        """Serve ``listen`` in this process (a supervisor starts its workers instead)."""
         loop = asyncio.get_running_loop()
         addr = self.config.listen
         try:
@@ -173,24 +196,6 @@ class App:
                 reuse_address=True, backlog=1024, **tls)
         except OSError as exc:
             raise StartError(f"listen {addr}: {_reason(exc)}") from None
-        try:
-            for service in self.services:
-                await service.start(self)
-                self._started.append(service)
-        except OSError as exc:
-            await self._stop_services()
-            self.server.close()
-            if service is self.admin:  # AdminServer names the key and address itself
-                raise StartError(str(exc)) from None
-            raise StartError(f"cannot start {type(service).__name__}: {exc}") from None
-        self.started_at = time.time()
-        # The admin service knows its bound port (the config may have asked for port 0).
-        admin = next((getattr(s, "address", None) for s in self.services
-                      if getattr(s, "address", None) is not None), self.config.admin)
-        log.info("balancer %s listening on %s (admin %s); %s", __version__,
-                 self.address, admin, describe_pools(self.config))
-        for warning in self.report.warnings:
-            log.warning("%s", warning)
 
     @property
     def address(self) -> Address:
@@ -449,7 +454,6 @@ class App:
         self.state.timers.close()
         await self.fleet.close()
         await self._stop_services()
-        self._drained = True
         log.info("drained: stopped")
 
     async def _stop_services(self) -> None:

@@ -102,6 +102,9 @@ class AppView(Protocol):
     @property
     def config_applied_at(self) -> float | None: ...
 
+    @property
+    def workers(self) -> Sequence[Mapping[str, Any]]: ...  # per worker process; () for one
+
     async def reload(self) -> ReloadOutcome: ...
 
     async def apply_change(self, change: Change, source: object = None) -> bool: ...

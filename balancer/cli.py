@@ -12,6 +12,7 @@ import sys
 
 from balancer import __version__
 from balancer.config import Config, defaults
+from balancer.config.values import workers_count
 
 # Defaults from the model (balancer/config/model.py), not written again here.
 _ADMIN, _DRAIN = defaults(Config)["admin"], f"{defaults(Config)['drain_timeout']:g}s"
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch", action="store_true",
                      help="reload when the config file's content changes (a mounted ConfigMap),"
                           " with the guard deciding as on SIGHUP")
+    run.add_argument("--workers", type=_workers, metavar="N|auto",
+                     help="worker processes serving listen (overrides the config's workers;"
+                          " auto: one per core this process may run on; default 1)")
 
     check = sub.add_parser("check", help="validate a config and simulate its traffic shares",
                            epilog=CHECK_EPILOG,
@@ -82,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers(text: str) -> int | str:
+    """``--workers``: a whole number >= 1, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return workers_count(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number >= 1 or auto, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from balancer.run import main_run
 
-        return main_run(args.config, watch=args.watch)
+        return main_run(args.config, watch=args.watch, workers=args.workers)
     if args.command == "demo":
         from balancer.demo import main_demo
 

@@ -17,6 +17,7 @@ reloads for a server that stays, so they never restart on a reload.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -80,6 +81,8 @@ class BalancerCollector(Collector):
         state = self.app.state  # the client side (balancer/proxy.py)
         if state is not None:
             yield from _client_metrics(state)
+        # balancer run --workers N (balancer/supervisor.py); one process is worker 0, up.
+        yield from _worker_metrics(self.app.workers or ({"worker": 0, "up": 1, "restarts": 0},))
 
     # --- per backend ---------------------------------------------------------------------
 
@@ -201,6 +204,19 @@ def _client_metrics(state: ClientSideView) -> Iterator[Metric]:
     yield CounterMetricFamily("balancer_client_connections_refused",
                               "Client connections answered 503 because max_clients was reached.",
                               value=state.turned_away)
+
+
+def _worker_metrics(workers: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
+    """One series per worker process: up or not, and how often it was started again."""
+    up = GaugeMetricFamily("balancer_worker_up", "1 while the worker process serves.",
+                           labels=["worker"])
+    restarts = CounterMetricFamily("balancer_worker_restarts",
+                                   "Times the worker process exited and was started again.",
+                                   labels=["worker"])
+    for w in workers:
+        up.add_metric([str(w["worker"])], 1 if w["up"] else 0)
+        restarts.add_metric([str(w["worker"])], w["restarts"])
+    yield from (up, restarts)
 
 
 def build_registry(app: AppView, monitor: Monitor | None = None) -> CollectorRegistry:

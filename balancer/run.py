@@ -16,19 +16,22 @@ from typing import Any
 
 from balancer.app import App, StartError
 from balancer.config import ConfigError
-from balancer.loading import Refused
+from balancer.loading import Refused, check_file
+from balancer.supervisor import Supervisor, count_workers
 
 log = logging.getLogger("balancer.app")
 
 
-def main_run(config_path: str, *, watch: bool = False) -> int:
-    """``balancer run -c FILE [--watch]``: 0 after a clean drain, 1 when the config or the bind
-    fails. ``watch``: reload when the file's content changes (balancer/watch.py)."""
+def main_run(config_path: str, *, watch: bool = False, workers: int | str | None = None) -> int:
+    """``balancer run -c FILE [--watch] [--workers N]``: 0 after a clean drain, 1 when the
+    config or the bind fails. ``watch``: reload when the file's content changes
+    (balancer/watch.py). ``workers`` (else the config's ``workers``): more than 1 starts a
+    supervisor and that many worker processes (balancer/supervisor.py)."""
     from balancer.logs import setup_logging
 
     setup_logging()
     try:
-        app = App(config_path)
+        app = build_app(config_path, workers)
     except ConfigError as exc:
         # The lines `balancer check` prints, so an operator sees one wording everywhere.
         warnings = exc.report.warnings if isinstance(exc, Refused) else []
@@ -47,6 +50,16 @@ def main_run(config_path: str, *, watch: bool = False) -> int:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def build_app(config_path: str, workers: int | str | None = None) -> App:
+    """The App for ``config_path``: one process, or a Supervisor when more workers are asked
+    for (the flag, else the config's key). The config is loaded and checked once, here."""
+    running = check_file(config_path)
+    count = count_workers(workers if workers is not None else running.config.workers)
+    if count <= 1:
+        return App(config_path, running)
+    return Supervisor(config_path, count, running)
 
 
 async def serve(app: App) -> None:

@@ -127,7 +127,8 @@ def child(src: str, requests: int, reps: int, case: str = "plain") -> None:
         config = Path(d) / "balancer.yaml"
         text = (HERE / "templates" / "balancer.yaml").read_text()
         for key, port in (("$port", 18080), ("$admin_port", 18081), ("$backend1", 18082),
-                          ("$backend2", 18083)):  # never bound: App() only builds objects
+                          ("$backend2", 18083), ("$workers", 1)):  # never bound: App()
+            # only builds objects
             text = text.replace(key, str(port))
         if case == "hashed":
             text = text.replace("strategy: round_robin", HASHED_STRATEGY)

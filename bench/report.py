@@ -37,6 +37,8 @@ class Measurement:
     load_busy: float = 0.0
     #: The part of the proxy's CPU time spent in the kernel (syscalls, TCP on loopback).
     system_share: float = 0.0
+    #: Worker processes / threads of the proxy (run.py --workers); 1: one core.
+    workers: int = 1
 
     @property
     def disturbed(self) -> bool:
@@ -102,6 +104,21 @@ def summarise(ms: list[Measurement], reference: str = "nginx") -> list[Summary]:
     run_order = {proxy: i for i, proxy in enumerate(dict.fromkeys(m.proxy for m in ms))}
     out.sort(key=lambda s: (order.get(s.scenario, 99), s.proxy != reference, run_order[s.proxy]))
     return out
+
+
+def scaling_table(ms: list[Measurement]) -> str:
+    """Per proxy and load: requests/s with N workers ÷ with one, median of same-round ratios."""
+    base = {(m.proxy, m.scenario, m.round): m.load.rps for m in ms if m.workers == 1}
+    ratios: dict[tuple[str, str, int], list[float]] = {}
+    for m in ms:
+        if m.workers > 1:
+            one = base.get((m.proxy.rsplit("×", 1)[0], m.scenario, m.round))
+            if one:
+                key = (m.proxy.rsplit("×", 1)[0], m.scenario, m.workers)
+                ratios.setdefault(key, []).append(m.load.rps / one)
+    rows = [[proxy, scenario, f"1 → {n}", f"{median(r):.2f}", str(len(r))]
+            for (proxy, scenario, n), r in ratios.items()]
+    return _table(["proxy", "load", "workers", "requests/s ratio", "rounds"], rows)
 
 
 def load_results(raw: dict[str, Any]) -> Results:

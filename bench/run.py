@@ -39,6 +39,7 @@ from bench.report import (
     detail_table,
     headline_table,
     load_results,
+    scaling_table,
     summarise,
 )
 from bench.servers import (
@@ -74,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--retries", type=int,
                     help="re-runs of a measurement disturbed by foreign CPU load (default 2; "
                          "quick 0)")
+    ap.add_argument("--workers", default="1", metavar="N[,N…]",
+                    help="workers per proxy (nginx worker_processes, HAProxy nbthread, balancer "
+                         "--workers); several, e.g. 1,2, run each proxy at each count in the "
+                         "same rounds, unpinned (default 1: pinned to one core)")
     ap.add_argument("--json", type=Path, help="write raw results here (default bench/results/)")
     ap.add_argument("--report", type=Path, metavar="JSON",
                     help="measure nothing: print the tables of an earlier run's raw results")
@@ -83,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.idle = args.idle if args.idle is not None else (100 if args.quick else 1000)
     if args.retries is None:
         args.retries = 0 if args.quick else 2
+    try:
+        args.workers = sorted({int(n) for n in str(args.workers).split(",")})
+    except ValueError:
+        ap.error(f"--workers takes whole numbers, e.g. 1,2 (got {args.workers!r})")
+    if args.workers[0] < 1:
+        ap.error("--workers: at least 1")
     return args
 
 
@@ -93,7 +104,9 @@ class Bench:
         self.args = args
         self.procs = procs
         cpus = sorted(os.sched_getaffinity(0))
-        self.pinned = procs.pin and len(cpus) >= 2
+        # More than one worker needs more than one core: then nothing is pinned, and the
+        # proxy, the backend and the load generator share every core (the ratios carry over).
+        self.pinned = procs.pin and len(cpus) >= 2 and args.workers == [1]
         self.proxy_cpu = cpus[0] if self.pinned else None
         self.load_cpu = cpus[1] if self.pinned else None
         self.tool = load_tool(args.load)
@@ -137,8 +150,12 @@ class Bench:
             assert self.proxy_cpu is not None and self.load_cpu is not None
             foreign["proxy cpu"] = max(0.0, busy[self.proxy_cpu] - proxy_ticks) / span
             foreign["load cpu"] = max(0.0, busy[self.load_cpu] - backend_ticks - ours) / span
+        elif busy:  # unpinned: what others took of the whole machine, per core on average
+            others = sum(busy.values()) - proxy_ticks - backend_ticks - ours
+            foreign["machine"] = max(0.0, others) / span / len(busy)
         cpu_us = proxy_ticks / TICKS_PER_SECOND / max(result.requests, 1) * 1e6
-        return Measurement(proxy.kind, name, rnd, result, cpu_us, foreign,
+        return Measurement(proxy.label, name, rnd, result, cpu_us, foreign,
+                           workers=proxy.workers,
                            proxy_busy=proxy_ticks / span, load_busy=(backend_ticks + ours) / span,
                            system_share=system / max(proxy_ticks, 1))
 
@@ -166,8 +183,9 @@ class Bench:
         self._header(backend_kind, kinds)
 
         backend = start_backend(self.procs, backend_kind, self.load_cpu)
-        proxies = [start_proxy(self.procs, kind, backend, self.proxy_cpu, alt_src=a.alt_src)
-                   for kind in kinds]
+        proxies = [start_proxy(self.procs, kind, backend, self.proxy_cpu, alt_src=a.alt_src,
+                               workers=n)
+                   for n in a.workers for kind in kinds]
         for proxy in proxies:  # warm up: connection pools filled, caches hot
             run_load(self.tool, f"http://127.0.0.1:{proxy.port}/", 64, 1.0, self.load_cpu)
 
@@ -178,7 +196,7 @@ class Bench:
                     self.results.measurements.append(m)
                     _progress(a.rounds, m)
         for proxy in proxies:
-            self.results.peak_rss_kib[proxy.kind] = peak_rss_kib(proxy.proc.pid)
+            self.results.peak_rss_kib[proxy.label] = peak_rss_kib(proxy.proc.pid)
             self.procs.stop(proxy.proc)
 
         if a.idle > 0:
@@ -199,11 +217,12 @@ class Bench:
               f"{platform.release()}, load average {_loadavg()}")
         print(f"versions: {'; '.join(_versions(kinds + [backend_kind, self.tool]))}")
         pin = (f"proxy on CPU {self.proxy_cpu}, backend + load on CPU {self.load_cpu}"
-               if self.pinned else "not pinned (needs 2 CPUs and taskset)")
+               if self.pinned else "not pinned (several workers, or no 2 CPUs and taskset)")
         print(f"backend: {backend_kind}; load: {self.tool}; {pin}")
         print(f"workdir: {self.procs.workdir}")
-        print(f"rounds: {a.rounds} × {len(self.scenarios)} loads × {len(kinds)} proxies, "
-              f"{a.duration:g} s each; proxies: {', '.join(kinds) or 'none'}")
+        print(f"rounds: {a.rounds} × {len(self.scenarios)} loads × {len(kinds)} proxies × "
+              f"workers {','.join(map(str, a.workers))}, {a.duration:g} s each; proxies: "
+              f"{', '.join(kinds) or 'none'}")
         if self.tool == "python":
             print("note: the bundled Python load generator is slower than wrk; it may be the "
                   "bottleneck, so ratios understate the faster proxies")
@@ -274,11 +293,20 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def print_tables(results: Results) -> None:
-    summaries = summarise(results.measurements)
-    print("\n## Per load (median of rounds; ratios = median of same-round ratios to nginx)\n")
-    print(detail_table(summaries))
-    print("\n## Summary\n")
-    print(headline_table(summaries, results))
+    counts = sorted({m.workers for m in results.measurements}) or [1]
+    for n in counts:
+        ms = [m for m in results.measurements if m.workers == n]
+        reference = "nginx" if n == 1 else f"nginx×{n}"
+        title = "" if counts == [1] else f", {n} worker(s) each"
+        summaries = summarise(ms, reference)
+        print(f"\n## Per load{title} (median of rounds; ratios = median of same-round ratios "
+              f"to {reference})\n")
+        print(detail_table(summaries))
+        print(f"\n## Summary{title}\n")
+        print(headline_table(summaries, results))
+    if len(counts) > 1:
+        print("\n## Scaling (requests/s with N workers ÷ with 1, same round)\n")
+        print(scaling_table(results.measurements))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         print_tables(load_results(json.loads(args.report.read_text())))
         return 0
-    budget = args.rounds * len(SCENARIOS) * 3 * (args.duration + 5) * (args.retries + 1) + 300
+    budget = args.rounds * len(SCENARIOS) * 3 * len(args.workers) * (args.duration + 5) * (
+        args.retries + 1) + 300
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGALRM, _on_signal)
     signal.alarm(int(budget))  # bounded in time whatever happens

@@ -192,26 +192,35 @@ class Proxy:
     kind: str
     proc: Proc
     port: int
+    #: Worker processes (nginx), threads (HAProxy) or worker processes (balancer --workers).
+    workers: int = 1
+
+    @property
+    def label(self) -> str:
+        """How the tables name it: ``nginx``, or ``nginx×2`` with two workers."""
+        return self.kind if self.workers == 1 else f"{self.kind}×{self.workers}"
 
 
 def start_proxy(procs: Processes, kind: str, backend: Backend, cpu: int | None,
-                tag: str = "", alt_src: Path | None = None) -> Proxy:
-    """Start one proxy in front of ``backend`` and wait until it forwards a request."""
+                tag: str = "", alt_src: Path | None = None, workers: int = 1) -> Proxy:
+    """Start one proxy, with ``workers`` workers or threads, in front of ``backend`` and wait
+    until it forwards a request."""
     port = free_port()
     d = procs.workdir
-    name = f"{kind}{tag}"
+    name = f"{kind}{tag}" + (f"-w{workers}" if workers > 1 else "")
     b1, b2 = backend.ports
     env: dict[str, str] | None = None
     if kind == "nginx":
         conf = render("nginx-proxy.conf", d / f"{name}.conf", dir=d, name=name, port=port,
-                      backend1=b1, backend2=b2)
+                      backend1=b1, backend2=b2, workers=workers)
         argv = ["nginx", "-p", str(d), "-c", str(conf), "-e", str(d / f"{name}.error.log")]
     elif kind == "haproxy":
-        conf = render("haproxy.cfg", d / f"{name}.cfg", port=port, backend1=b1, backend2=b2)
+        conf = render("haproxy.cfg", d / f"{name}.cfg", port=port, backend1=b1, backend2=b2,
+                      workers=workers)
         argv = ["haproxy", "-db", "-f", str(conf)]
     elif kind.startswith("balancer"):
         conf = render("balancer.yaml", d / f"{name}.yaml", port=port, admin_port=free_port(),
-                      backend1=b1, backend2=b2)
+                      backend1=b1, backend2=b2, workers=workers)
         argv = [sys.executable, "-m", "balancer", "run", "-c", str(conf)]
         if kind == "balancer-nolog":
             env = {"BALANCER_LOG_LEVEL": "WARNING"}
@@ -224,4 +233,4 @@ def start_proxy(procs: Processes, kind: str, backend: Backend, cpu: int | None,
         raise ValueError(f"unknown proxy {kind!r} (known: {', '.join(PROXIES + VARIANTS)})")
     proc = procs.start(name, argv, cpu, env)
     wait_http(proc, port)
-    return Proxy(kind, proc, port)
+    return Proxy(kind, proc, port, workers)

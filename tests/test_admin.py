@@ -71,6 +71,7 @@ class StandIn:
         self.config_text: str | None = None  # no record of the text as read
         self.config_sha256: str | None = None
         self.config_applied_at: float | None = None
+        self.workers: tuple[dict[str, Any], ...] = ()  # one process
         self.next: Result = Result(True, diff="web1 50% → 50%")
         self.reload_calls = 0
 

@@ -167,6 +167,7 @@ class Live:
         self.report = GuardReport()
         self.state = None  # no proxy
         self.rollbacks = 0
+        self.workers: tuple[dict[str, Any], ...] = ()  # one process
         assert isinstance(self, AppView)
 
     async def reload(self) -> Any:

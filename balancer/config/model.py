@@ -220,6 +220,9 @@ class Config:
     client: ClientConfig = ClientConfig()
     #: TLS termination on ``listen`` (``tls: {cert, key}``); None: plain HTTP.
     tls: TlsConfig | None = None
+    #: Processes serving ``listen``: 1 serves in this process; N or ``"auto"`` (the cores this
+    #: process may run on) start a supervisor and N workers (balancer/supervisor.py).
+    workers: int | str = 1
 
 
 def defaults(cls: type) -> Mapping[str, Any]:

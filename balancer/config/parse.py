@@ -44,10 +44,11 @@ from balancer.config.values import (
     positive_duration,
     size_between,
     whole_number,
+    workers_count,
 )
 
 _TOP_KEYS = {"listen", "admin", "guard", "pools", "routes", "drain_timeout", "admin_token",
-             "access_log", "resolver", "client", "tls"}
+             "access_log", "resolver", "client", "tls", "workers"}
 _CLIENT_KEYS = {"header_timeout", "body_timeout", "keepalive_timeout", "send_timeout",
                 "max_clients", "max_body_size", "max_header_size", "max_url_size", "max_headers"}
 _TLS_KEYS = {"cert", "key"}
@@ -86,6 +87,7 @@ def parse_config(data: Any, source: str = "<config>",
     admin = r.get(top, "admin", "", lambda v: parse_address(v, d["admin"].host), d["admin"])
     drain = r.get(top, "drain_timeout", "", parse_duration, d["drain_timeout"])
     admin_token = r.get(top, "admin_token", "", nonempty_text, d["admin_token"])
+    workers = r.get(top, "workers", "", workers_count, d["workers"])
     resolver = _resolver(r, top.get("resolver"))
     guard = _guard(r, top.get("guard"))
     pools = parse_pools(r, top.get("pools"))
@@ -100,7 +102,8 @@ def parse_config(data: Any, source: str = "<config>",
         raise ConfigError(r.problems, source)
     return Config(pools=MappingProxyType(pools), routes=routes, listen=listen, admin=admin,
                   guard=guard, drain_timeout=drain, source=source, admin_token=admin_token,
-                  access_log=access_log, resolver=resolver, client=client, tls=tls)
+                  access_log=access_log, resolver=resolver, client=client, tls=tls,
+                  workers=workers)
 
 
 def _overlap(a: Address, b: Address) -> bool:

@@ -214,6 +214,15 @@ def whole_number(lo: int | None = None, hi: int | None = None) -> Callable[[Any]
     return conv
 
 
+def workers_count(v: Any) -> int | str:
+    """``workers``: a whole number >= 1, or ``auto`` (the cores this process may run on)."""
+    if v == "auto":
+        return "auto"
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"must be a whole number >= 1 or auto, got {v!r}")
+    return v
+
+
 def fraction(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"must be a number between 0 and 1, got {v!r}")
