@@ -36,7 +36,8 @@ from balancer.loading import (
 )
 from balancer.pool import Pool
 from balancer.probation import TICK, Finding, Probation
-from balancer.proxy import ProxySettings, ProxyState, default_max_clients, protocol_factory
+from balancer.proxy import ProxyState, protocol_factory
+from balancer.proxystate import settings_for
 from balancer.router import Router
 
 log = logging.getLogger("balancer.app")
@@ -93,7 +94,7 @@ class App:
         self.fleet = Fleet()
         self.fleet.apply(self.config)
         self.state = ProxyState(Router(self.config.routes, self.pools),
-                                _proxy_settings(self.config))
+                                settings_for(self.config))
 
         self.reloads = {"applied": 0, "refused": 0}
         self.rollbacks = 0
@@ -414,7 +415,7 @@ class App:
         gone = self.fleet.apply(plan)
         self.config = config
         self.state.router = Router(config.routes, self.pools)
-        self.state.settings = _proxy_settings(config)
+        self.state.settings = settings_for(config)
         return gone
 
     # --- drain ---------------------------------------------------------------------------
@@ -470,19 +471,6 @@ class App:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _proxy_settings(config: Config) -> ProxySettings:
-    """The request path's settings for ``config``: client limits and timeouts (``client:``);
-    ``max_clients`` unset means half the open-files limit (proxy.default_max_clients)."""
-    c = config.client
-    return ProxySettings(
-        access_log=config.access_log,
-        max_body_size=c.max_body_size, max_url_size=c.max_url_size,
-        max_header_size=c.max_header_size, max_headers=c.max_headers,
-        header_timeout=c.header_timeout, body_timeout=c.body_timeout,
-        keepalive_timeout=c.keepalive_timeout, send_timeout=c.send_timeout,
-        max_clients=c.max_clients if c.max_clients is not None else default_max_clients())
 
 
 def _log_lines(level: int, text: str, heading: str = "") -> None:

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Mapping, Protocol
 
 from balancer.accesslog import KeyRecorder, digest_key
-from balancer.config import AccessLogConfig, ClientConfig
+from balancer.config import AccessLogConfig, ClientConfig, Config
 from balancer.router import Router
 from balancer.slowclients import ClientTimers, Timed
 
@@ -180,3 +180,16 @@ def default_max_clients() -> int:
     if soft == resource.RLIM_INFINITY or soft <= 0:
         return 1 << 20
     return max(16, (soft - 64) // 2)
+
+
+def settings_for(config: Config) -> ProxySettings:
+    """The request path's settings for ``config``: client limits and timeouts (``client:``);
+    ``max_clients`` unset means half the open-files limit (``default_max_clients``)."""
+    c = config.client
+    return ProxySettings(
+        access_log=config.access_log,
+        max_body_size=c.max_body_size, max_url_size=c.max_url_size,
+        max_header_size=c.max_header_size, max_headers=c.max_headers,
+        header_timeout=c.header_timeout, body_timeout=c.body_timeout,
+        keepalive_timeout=c.keepalive_timeout, send_timeout=c.send_timeout,
+        max_clients=c.max_clients if c.max_clients is not None else default_max_clients())

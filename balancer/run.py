@@ -45,7 +45,7 @@ def main_run(config_path: str, *, watch: bool = False, workers: int | str | None
 
         app.services.append(ConfigWatcher(config_path))
     try:
-        _run(serve(app))
+        run_on_uvloop(serve(app))
     except StartError as exc:
         log.error("%s", exc)
         return 1
@@ -88,7 +88,7 @@ async def serve(app: App) -> None:
     except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
         log.debug("signal handlers not installed")
     await app.start()
-    _freeze_heap()
+    freeze_heap()
     await stop.wait()
     await app.drain()
 
@@ -100,14 +100,15 @@ def flush_logs() -> None:
     sys.stderr.flush()
 
 
-def _freeze_heap() -> None:
+def freeze_heap() -> None:
     """Move start-up objects out of the collector's sight: fewer, cheaper collections."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
 
 
-def _run(coro: Any) -> None:
+def run_on_uvloop(coro: Any) -> None:
+    """Run ``coro`` to the end on a uvloop event loop (asyncio's when uvloop is missing)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency

@@ -27,7 +27,6 @@ import socket
 import sys
 from typing import Any, TextIO, cast
 
-from balancer.app import _proxy_settings
 from balancer.config import Config
 from balancer.fleet import Fleet
 from balancer.loading import listener_tls
@@ -40,8 +39,9 @@ from balancer.mirror import (
     split_limits,
 )
 from balancer.proxy import ProxyState, protocol_factory
+from balancer.proxystate import settings_for
 from balancer.router import Router
-from balancer.run import _freeze_heap, _run
+from balancer.run import freeze_heap, run_on_uvloop
 
 log = logging.getLogger("balancer.worker")
 
@@ -131,7 +131,7 @@ class Worker:
         self.server = await loop.create_server(protocol_factory(self.state),
                                                sock=reuseport_socket(host, port), **tls)
         self.send({"ready": os.getpid(), "sha256": first["sha256"]})
-        _freeze_heap()
+        freeze_heap()
         reporting = loop.create_task(self._report_loop())
         listening = loop.create_task(self._follow())
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.drain(None)))
@@ -146,7 +146,7 @@ class Worker:
         """Apply ``config`` (checked by the supervisor) with this worker's share of limits."""
         local = split_limits(config, self.count, self.index)
         gone = self.fleet.apply(local)
-        settings = _proxy_settings(local)
+        settings = settings_for(local)
         if self.state is None:
             self.state = ProxyState(Router(local.routes, self.fleet.pools), settings)
         else:
@@ -241,7 +241,7 @@ def main(argv: list[str]) -> int:
     async def go() -> None:
         result.append(await _main(index, count, fd))
 
-    _run(go())
+    run_on_uvloop(go())
     return result[0] if result else 1
 
 
