@@ -59,7 +59,10 @@ def banner(proxy: Address, admin: Address | None, backends: list[DemoBackend],
     lines += [
         f"Config: {config_path}",
         (f"  (edit it, then `kill -HUP {os.getpid()}`: the guard checks every reload and"
-         " refuses one that concentrates traffic)"),
+         " refuses one that concentrates traffic;"),
+        ("   one it accepts that then concentrates live traffic, such as a consistent_hash"
+         " key clients never send, is rolled back within guard.probation, 30 s: send it"
+         " 100 requests)"),
         "",
         "Try:",
         f"  curl {url}/                                 # each call: the next backend",
