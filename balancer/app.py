@@ -302,15 +302,20 @@ class App:
         """Right after the apply: count from now and judge until the probation ends."""
         if p is None:
             return None
-        p.started_counting(self.pools)
         if p.pools:
             log.info("reload on probation for %gs: pools %s", self.config.guard.probation,
                      ", ".join(p.pools))
         self.spawn(self._run_probation(p))
         return p.outcome
 
+    async def caught_up(self) -> None:
+        """Returns once the counters show only traffic served by the config just applied
+        (here at once; a supervisor waits for its workers, balancer/supervisor.py)."""
+
     async def _run_probation(self, p: Probation) -> None:
         loop = asyncio.get_running_loop()
+        await self.caught_up()
+        p.started_counting(self.pools)  # traffic since the change, and only that
         try:
             while not p.over and p.pools and loop.time() < p.until:
                 await asyncio.sleep(TICK)

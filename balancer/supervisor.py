@@ -45,6 +45,8 @@ log = logging.getLogger("balancer.app")
 PUSH_EVERY = 0.1
 #: How long a worker may take to start serving before the start fails (seconds).
 START_TIMEOUT = 30.0
+#: How long probation waits for every worker to apply a change before it counts (seconds).
+CATCH_UP = 2.0
 #: A worker that died sooner than this after its start is started again only after it.
 RESPAWN_BACKOFF = 1.0
 
@@ -86,6 +88,7 @@ class WorkerProcess:
         self.ejected: list[str] = []  # pool/backend it holds ejected, as last reported
         self.started = 0.0
         self.config_sha256: str | None = None
+        self.generation = 0  # the last config message it applied (see Supervisor.caught_up)
         self.ready: asyncio.Future[None] | None = None
         #: Reads its messages until it exits (then starts the next one, unless draining).
         self.follow: asyncio.Task[None] | None = None
@@ -114,6 +117,7 @@ class Supervisor(App):
         self._reserved: socket.socket | None = None
         self._pushed: dict[Any, Any] = {}
         self._workers_key = self.config.workers
+        self._generation = 0  # config changes sent to the workers so far
 
     # --- what /status and /metrics show ------------------------------------------------
 
@@ -163,7 +167,7 @@ class Supervisor(App):
             str(child.fileno()), pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         child.close()
         wp.pid, wp.up, wp.started = wp.proc.pid, False, time.monotonic()
-        wp.config_sha256 = None
+        wp.config_sha256, wp.generation = None, self._generation  # it starts on the latest
         wp.ready = asyncio.get_running_loop().create_future()
         reader, wp.writer = await asyncio.open_connection(sock=parent)
         wp.send(self._config_message({"listen": (self.address.host, self.address.port)}))
@@ -178,7 +182,19 @@ class Supervisor(App):
         self._pushed = health
         config: Config = self.config
         return frame({"config": config, "sha256": self.config_sha256, "health": health,
-                      **(extra or {})})
+                      "generation": self._generation, **(extra or {})})
+
+    async def caught_up(self) -> None:
+        """Every live worker has applied the last config sent. A worker reports what it
+        counted before it applies one, so from here the mirror counts only the new config's
+        traffic: probation then judges what the change did, not the seconds before it."""
+        deadline = asyncio.get_running_loop().time() + CATCH_UP
+        while any(wp.up and wp.generation < self._generation for wp in self.procs):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("probation: not every worker applied the change within %gs; "
+                            "counting from now", CATCH_UP)
+                return
+            await asyncio.sleep(0.01)
 
     # --- the workers' messages and deaths ----------------------------------------------
 
@@ -195,6 +211,7 @@ class Supervisor(App):
                     self._publish()
                 elif "applied" in message:
                     wp.config_sha256 = message["applied"]
+                    wp.generation = message.get("generation", wp.generation)
                     self._publish()
                 elif "ready" in message:
                     wp.up, wp.config_sha256 = True, message["sha256"]
@@ -252,6 +269,7 @@ class Supervisor(App):
 
     def _tell_services(self, skip: object = None) -> None:
         """After every applied change (reload, rollback, discovery): the workers take it."""
+        self._generation += 1  # a change: caught_up waits for every worker to apply it
         message = self._config_message()
         for wp in self.procs:
             wp.send(message)

@@ -167,6 +167,8 @@ class Worker:
             while True:
                 message = await read_message(self.reader)
                 if "config" in message:
+                    if self.state is not None:  # what the old config served, counted as such
+                        self.send({"report": self._report()})
                     try:
                         self._take(message["config"], message["sha256"])
                         apply_health(self.fleet.pools, message["health"])
@@ -174,7 +176,8 @@ class Worker:
                         log.exception("worker %d: cannot apply the config the supervisor sent;"
                                       " exiting so that a new worker starts on it", self.index)
                         os._exit(3)
-                    self.send({"applied": message["sha256"]})
+                    self.send({"applied": message["sha256"],
+                               "generation": message.get("generation", 0)})
                 elif "health" in message:
                     apply_health(self.fleet.pools, message["health"])
                 elif "drain" in message:
