@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from contextlib import AsyncExitStack
@@ -19,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from balancer.backend import Backend
 from balancer.config import parse_config
@@ -439,3 +441,28 @@ async def test_tls_on_listen_is_served_by_every_worker(tmp_path: Path) -> None:
             return await _requests_total(rb) == 40
         await _until(counted, "40 requests counted")
         assert all(w["requests"] > 0 for w in (await _status(rb))["workers"])
+
+
+async def test_probation_judges_the_traffic_of_every_worker_and_only_since_the_change(
+        tmp_path: Path) -> None:
+    """The hash-key trap under two workers, with load on both before and after the reload:
+    rolled back, and the share it names is of the new config's traffic alone (a worker
+    reports what it counted before it applies a config; counting starts once all have)."""
+    async with AsyncExitStack() as stack:
+        ports = await _backends(stack, 3)
+        rb = await stack.enter_async_context(_running(
+            tmp_path, ports, guard={"probation": "10s", "live_min_requests": 50}))
+        load = asyncio.ensure_future(_send(rb.url, 4000, clients=4))
+        await asyncio.sleep(0.5)  # both workers serving round robin
+        data = yaml.safe_load(rb.path.read_text())
+        data["pools"]["web"]["strategy"] = {"name": "consistent_hash", "key": "header:X-Tenant"}
+        write_config(rb.path, data)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as s, \
+                s.post(rb.admin + "/reload?wait=1") as r:
+            status, doc = r.status, await r.json()
+        answers = await load
+        assert status == 409 and doc["result"] == "rolled_back", doc
+        assert re.search(r"pool web: b\d+ took 100% of \d+ requests", doc["reason"]), doc
+        assert not [a for a in answers if a.startswith("error")]
+        workers = (await _status(rb))["workers"]
+        assert all(w["requests"] > 0 for w in workers), workers
