@@ -179,16 +179,20 @@ async def test_status_says_what_runs_and_how_reloads_went(admin: tuple[Running, 
         assert app.reload_events == before  # reading changed nothing
 
 
-async def test_status_of_an_app_without_reload_history() -> None:
-    """An app that keeps no reload record (the plain stand-in) still gets a status page."""
-    app = StandIn()
-    server = AdminServer(Monitor())
+async def served_status(app: Any, monitor: Monitor) -> Any:
+    """``/status`` as a real AdminServer on a free loopback port answers it for ``app``."""
+    server = AdminServer(monitor)
     await server.start(app)
     try:
         async with aiohttp.ClientSession() as s, s.get(f"http://{server.address}/status") as r:
-            doc = await r.json()
+            return await r.json()
     finally:
         await server.stop()
+
+
+async def test_status_of_an_app_without_reload_history() -> None:
+    """An app that keeps no reload record (the plain stand-in) still gets a status page."""
+    doc = await served_status(StandIn(), Monitor())
     assert doc["config_sha256"] is None and doc["last_reload"] is None
     assert doc["reload_events"] == [] and doc["probation"] is None
     assert doc["pools"]["web"]["history"]["backends"] == {"web1": [], "web2": [], "spare": []}
@@ -207,13 +211,7 @@ async def test_status_carries_each_pools_history_and_p99() -> None:
                 pool.begin(b)
                 pool.finish(b, 200, 0.02 if b is web1 else 0.3)
         monitor.tick(app.pools, app.config.guard, now)
-    server = AdminServer(monitor)
-    await server.start(app)
-    try:
-        async with aiohttp.ClientSession() as s, s.get(f"http://{server.address}/status") as r:
-            doc = await r.json()
-    finally:
-        await server.stop()
+    doc = await served_status(app, monitor)
     p = doc["pools"]["web"]
     h = p["history"]
     assert h["backends"] == {"web1": [0, 3, 3, 0], "web2": [0, 1, 1, 4], "spare": [0, 0, 0, 0]}
