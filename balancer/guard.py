@@ -279,6 +279,7 @@ def synthetic_traffic(pool: PoolConfig, routes: Sequence[RouteConfig] = (),
     prefixes = [r.path_prefix.rstrip("/") for r in routes] or [""]
     key = _hash_key(pool)
     extra_header = key[1] if key and key[0] == "header" and key[1].lower() != "host" else None
+    by_host = bool(key and key[0] == "header" and key[1].lower() == "host")
     extra_cookie = key[1] if key and key[0] == "cookie" else None
     out = []
     for i in range(count):
@@ -287,7 +288,12 @@ def synthetic_traffic(pool: PoolConfig, routes: Sequence[RouteConfig] = (),
         n = rng.getrandbits(32)
         ip = (f"10.{n >> 24}.{(n >> 16) & 255}.{n & 255}" if i % 8
               else f"2001:db8::{n >> 16:x}:{n & 0xffff:x}")
-        host = rng.choice(fixed_hosts) if fixed_hosts else f"site{rng.randrange(50)}.example.com"
+        if fixed_hosts:
+            host = rng.choice(fixed_hosts)
+        elif by_host:  # hashed on Host: as many values as the other keys get, or 50 sites'
+            host = f"site{rng.getrandbits(32):x}.example.com"  # noise would decide the verdict
+        else:
+            host = f"site{rng.randrange(50)}.example.com"
         path = (f"{rng.choice(prefixes)}/{rng.choice(_WORDS)}/{rng.randrange(100_000)}"
                 f"?q={rng.randrange(1000)}")
         user, session = rng.randrange(1_000_000), rng.getrandbits(48)

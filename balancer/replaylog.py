@@ -21,13 +21,16 @@ import re
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from json.scanner import make_scanner
 from typing import Any, TextIO
 
 __all__ = ["LogReader", "ReplayError", "Request"]
 
 #: nginx's ``log_format combined``: $remote_addr - $remote_user [$time_local] "$request"
 #: $status $body_bytes_sent "$http_referer" "$http_user_agent"
-_decode = json.JSONDecoder().decode
+# The C scanner itself: ``decode`` would add a Python frame and a regex for the whitespace
+# around the object (~1.5 µs of a line's ~9); text after a line's object is ignored.
+_scan: Any = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 _COMBINED = re.compile(r'(\S+) \S+ \S+ \[([^\]]+)\] "(\S+) (\S+)[^"]*" \d{3} ').match
 
 
@@ -97,9 +100,9 @@ class LogReader:
 
     def _json(self, line: str) -> Request | None:
         try:
-            d: Any = _decode(line)
+            d: Any = _scan(line, 0)[0]
             client, path, when = d["client"], d["path"], self._iso(d["time"])
-        except (ValueError, KeyError, TypeError, IndexError):
+        except (ValueError, KeyError, TypeError, IndexError, StopIteration):
             return None
         if type(client) is not str or type(path) is not str:
             return None
