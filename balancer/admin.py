@@ -28,7 +28,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -138,17 +138,22 @@ def running(app: AppView) -> dict[str, Any]:
     applied = app.config_applied_at
     events = [{"result": e["result"], "reason": e.get("reason"), "at": iso(e["at"]),
                "t": e["at"]} for e in list(app.reload_events)]
-    probation = app.probation
     return {
         "config_sha256": app.config_sha256,
         "config_applied_at": iso(applied) if applied else None,
         "last_reload": ({k: events[-1][k] for k in ("result", "reason", "at")}
                         if events else None),
         "reload_events": events,
-        "probation": None if not probation else {
-            "until": iso(probation["until"]), "pools": list(probation.get("pools", ())),
-            "remaining": round(max(0.0, probation["until"] - time.time()), 1)},
+        "probation": probation_doc(app.probation),
     }
+
+
+def probation_doc(probation: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A running probation for JSON: until when (ISO), which pools, seconds remaining."""
+    if not probation:
+        return None
+    return {"until": iso(probation["until"]), "pools": list(probation.get("pools", ())),
+            "remaining": round(max(0.0, probation["until"] - time.time()), 1)}
 
 
 def status(app: AppView, monitor: Monitor | None) -> dict[str, Any]:
@@ -281,7 +286,7 @@ async def handle_reload(request: web.Request) -> web.Response:
     if outcome is None:
         return web.json_response(doc)
     if not wait:
-        doc["probation"] = running(app)["probation"]
+        doc["probation"] = probation_doc(app.probation)
         return web.json_response(doc)
     end = await asyncio.shield(outcome)
     doc.update(result=end["result"], reason=end.get("reason"), at=iso(end["at"]))

@@ -151,10 +151,6 @@ class App:
         p = self._probation
         return p.summary() if p is not None and not p.over else None
 
-    @property
-    def last_reload(self) -> dict[str, Any] | None:
-        return self.reload_events[-1] if self.reload_events else None
-
     def _event(self, result: str, reason: str | None) -> None:
         self.reload_events.append({"result": result, "reason": reason, "at": time.time()})
         del self.reload_events[:-50]

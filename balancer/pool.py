@@ -124,7 +124,7 @@ class Pool:
         """Recount how many primaries are in rotation; enter or leave panic."""
         self._checked_at = now
         primary = self.primary
-        up, self._backup_up, panic = self.judge(now)
+        up, _, panic = self.judge(now)
         self._primary_up = up
         if panic != self.panic:
             self.panic = panic

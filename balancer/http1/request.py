@@ -83,11 +83,6 @@ class RequestParser:
         self.begun = self.body_total = self.chunked_heads = 0
         self.last_chunked: RequestHead | None = None
 
-    @property
-    def in_head(self) -> bool:
-        """A request has begun and its head is not complete."""
-        return self.head is not None and self.body_to is None
-
     def stop(self) -> None:
         """Read no more (a refusal is on its way)."""
         self.head = self.body_to = None
