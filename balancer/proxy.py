@@ -24,6 +24,7 @@ from typing import Callable
 
 from balancer.exchange import P_BUFFER, P_UPSTREAM, Exchange, new_request_id, now
 from balancer.http1 import NO_REQUEST, Reject, RequestHead, RequestParser, error_response
+from balancer.http1.request import IDLE_PARSER
 from balancer.proxystate import ProxySettings, ProxyState, default_max_clients
 from balancer.slowclients import BODY, FIRST, HEAD, IDLE, NONE, SEND, unacked
 
@@ -36,6 +37,9 @@ log = logging.getLogger("balancer.proxy")
 BUFFER_LIMIT = 64 * 1024
 #: Pipelined requests parsed ahead of the one being served before the client is paused.
 PIPELINE_DEPTH = 16
+#: Parsers of connections gone idle kept for the next requests (``ProxyState.parsers``); more
+#: are dropped. An idle connection holds none: most of its Python memory otherwise.
+FREE_PARSERS = 1024
 #: Seconds a connection closed with request bytes still coming keeps reading (and dropping)
 #: them, so that the client reads our answer rather than a reset.
 LINGER = 2.0
@@ -71,9 +75,9 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, state: ProxyState) -> None:
         self.state = state
         self.transport: asyncio.Transport | None = None
-        self.reader = RequestParser(self, state)
+        self.reader: RequestParser = IDLE_PARSER  # a parser of its own while a request is read
         self.client_ip = ""
-        self.client_addr = b""  # the same, for X-Forwarded-For (shared: _ADDRESSES)
+        self.client_addr = b""  # the same, for X-Forwarded-For (both shared: _ADDRESSES)
         self.proto = b"http"
         self.deadlines = state.deadlines
         self.current: Exchange | None = None
@@ -99,13 +103,13 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if isinstance(peer, tuple) else ""
-        addr = _ADDRESSES.get(self.client_ip)
-        if addr is None:
-            addr = self.client_ip.encode()
+        ip = peer[0] if isinstance(peer, tuple) else ""
+        known = _ADDRESSES.get(ip)
+        if known is None:
+            known = (ip, ip.encode())
             if len(_ADDRESSES) < 4096:  # bounded: the addresses seen most stay shared
-                _ADDRESSES[self.client_ip] = addr
-        self.client_addr = addr
+                _ADDRESSES[ip] = known
+        self.client_ip, self.client_addr = known
         if transport.get_extra_info("sslcontext") is not None:
             self.proto = b"https"
         state = self.state
@@ -139,13 +143,29 @@ class ClientConnection(asyncio.Protocol):
                 return
             if self.lingering is not None:
                 return
+            reader = self.reader
+            if reader is IDLE_PARSER:  # a request begins: take a parser
+                parsers = self.state.parsers
+                if parsers:
+                    reader = parsers.pop()
+                    reader.sink = self
+                else:
+                    reader = RequestParser(self, self.state)
+                self.reader = reader
             try:
-                at = self.reader.feed(data)
+                at = reader.feed(data)
             except Reject as refused:
                 self._rejected(refused)
                 return
-            if at >= 0 and not self._upgraded(data[at:]):
-                return
+            if at >= 0:
+                if not self._upgraded(data[at:]):
+                    return
+            elif reader.head is None and reader.reusable:  # between requests: give it back
+                self.reader = IDLE_PARSER
+                parsers = self.state.parsers
+                if len(parsers) < FREE_PARSERS:
+                    reader.sink = reader.last_chunked = None  # type: ignore[assignment]
+                    parsers.append(reader)
             self._after_feed()
         except Exception:  # a bug must cost this connection, never the proxy or its state
             log.exception("bug while serving %s; connection dropped", self.client_ip)
@@ -468,8 +488,8 @@ class ClientConnection(asyncio.Protocol):
         return f"<ClientConnection {self.client_ip} {state}>"
 
 
-#: Client addresses as bytes, one object per address for all its connections.
-_ADDRESSES: dict[str, bytes] = {}
+#: Client addresses as str and bytes, one object each per address for all its connections.
+_ADDRESSES: dict[str, tuple[str, bytes]] = {}
 
 
 class _NotReading:

@@ -18,6 +18,7 @@ from typing import Mapping, Protocol
 
 from balancer.accesslog import KeyRecorder, digest_key
 from balancer.config import AccessLogConfig, ClientConfig, Config
+from balancer.http1.request import RequestParser
 from balancer.router import Router
 from balancer.slowclients import ClientTimers, Timed
 
@@ -140,7 +141,7 @@ class ProxyState:
     (one assignment each). A request reads both when it arrives and keeps them to its end."""
 
     __slots__ = ("router", "settings", "connections", "in_flight", "draining", "deadlines",
-                 "timers", "turned_away", "_warned_full")
+                 "timers", "turned_away", "parsers", "_warned_full")
 
     def __init__(self, router: Router, settings: ProxySettings) -> None:
         self.router = router
@@ -151,6 +152,8 @@ class ProxyState:
         self.deadlines = Deadlines()  # read timeouts of requests waiting for a backend
         self.timers = ClientTimers(self)  # slow and idle clients; ``timers.fired`` counts
         self.turned_away = 0  # connections answered 503 because of max_clients
+        # Parsers given back by connections gone idle, for the next request to take (proxy.py)
+        self.parsers: list[RequestParser] = []
         self._warned_full = 0.0
 
     def turn_away(self, conn: object) -> None:

@@ -33,7 +33,7 @@ from balancer.http1.rules import (
     refusal,
 )
 
-__all__ = ["BodySink", "RequestParser", "RequestSink", "SettingsSource"]
+__all__ = ["IDLE_PARSER", "BodySink", "RequestParser", "RequestSink", "SettingsSource"]
 
 
 class SettingsSource(Protocol):
@@ -65,11 +65,20 @@ class RequestParser:
 
     Bounds what httptools buffers: a head split over reads (``head_raw``), header fields
     (``head_left``), chunk framing per body (``wire``) and per read (``_overframed``).
+
+    Between two requests a parser holds nothing of its connection, so an idle connection
+    need not keep one (its httptools parser is most of a connection's Python memory): when
+    ``head is None`` after a ``feed`` (at a message boundary, nothing buffered) and
+    ``reusable``, the connection may hand it on to another one, which sets ``sink``. Not
+    ``reusable`` once llhttp is past HTTP/1.1 keep-alive (an upgrade, a message without
+    keep-alive, which leaves llhttp refusing any more bytes) or the parser was stopped.
+    The counters need no reset when the parser changes hands: only their change within one
+    ``feed`` is read.
     """
 
     __slots__ = ("parser", "source", "limits", "sink", "head", "body_to", "head_left", "head_raw",
                  "wire", "chunks", "chunk_base", "begun", "body_total", "chunked_heads",
-                 "last_chunked")
+                 "last_chunked", "reusable")
 
     def __init__(self, sink: RequestSink, source: SettingsSource) -> None:
         self.parser = HttpRequestParser(self)
@@ -82,10 +91,12 @@ class RequestParser:
         # Counters over the connection's life, for the bound on chunk framing per read.
         self.begun = self.body_total = self.chunked_heads = 0
         self.last_chunked: RequestHead | None = None
+        self.reusable = True  # llhttp is between two keep-alive messages whenever head is None
 
     def stop(self) -> None:
         """Read no more (a refusal is on its way)."""
         self.head = self.body_to = None
+        self.reusable = False
 
     def feed(self, data: bytes) -> int:
         """Parse ``data``: -1, or where the bytes after an upgrade start. Raises ``Reject``."""
@@ -111,6 +122,7 @@ class RequestParser:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             upgrade_at = exc.args[0]
+            self.reusable = False  # llhttp is paused past the upgrade
         except HttpParserError as exc:
             raise refusal(exc, data) from None
         if self.chunked_heads != chunked0:
@@ -203,7 +215,10 @@ class RequestParser:
         head = self.head
         assert head is not None
         parser = self.parser
-        head.keep_alive = parser.should_keep_alive()  # only valid now (BENCHMARKING.md)
+        # should_keep_alive is only valid now (BENCHMARKING.md)
+        keep_alive = head.keep_alive = parser.should_keep_alive()
+        if not keep_alive:  # llhttp refuses any bytes after this message
+            self.reusable = False
         head.method = parser.get_method()
         settings = self.limits
         check_head(head, parser.get_http_version(), settings)
@@ -233,3 +248,24 @@ class RequestParser:
         body_to = self.body_to
         self.head = self.body_to = None
         body_to.request_end()  # type: ignore[union-attr]
+
+
+class _Idle(RequestParser):
+    """What an idle connection holds instead of a parser (``IDLE_PARSER``): reads as a parser
+    between two requests (no head, no body); parses nothing."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:  # no httptools parser, no sink: nothing to parse into
+        self.head = self.body_to = None
+        self.reusable = False
+
+    def stop(self) -> None:
+        pass
+
+    def feed(self, data: bytes) -> int:
+        raise RuntimeError("IDLE_PARSER parses nothing: take a RequestParser first")
+
+
+#: The parser of every idle connection (see ``RequestParser``): one object for all of them.
+IDLE_PARSER: RequestParser = _Idle()
