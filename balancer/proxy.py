@@ -145,13 +145,9 @@ class ClientConnection(asyncio.Protocol):
                 return
             reader = self.reader
             if reader is IDLE_PARSER:  # a request begins: take a parser
-                parsers = self.state.parsers
-                if parsers:
-                    reader = parsers.pop()
-                    reader.sink = self
-                else:
-                    reader = RequestParser(self, self.state)
-                self.reader = reader
+                free = self.state.parsers
+                reader = self.reader = free.pop() if free else RequestParser(self, self.state)
+                reader.sink = self
             try:
                 at = reader.feed(data)
             except Reject as refused:
@@ -162,10 +158,10 @@ class ClientConnection(asyncio.Protocol):
                     return
             elif reader.head is None and reader.reusable:  # between requests: give it back
                 self.reader = IDLE_PARSER
-                parsers = self.state.parsers
-                if len(parsers) < FREE_PARSERS:
+                free = self.state.parsers
+                if len(free) < FREE_PARSERS:
                     reader.sink = reader.last_chunked = None  # type: ignore[assignment]
-                    parsers.append(reader)
+                    free.append(reader)
             self._after_feed()
         except Exception:  # a bug must cost this connection, never the proxy or its state
             log.exception("bug while serving %s; connection dropped", self.client_ip)
