@@ -37,8 +37,7 @@ log = logging.getLogger("balancer.proxy")
 BUFFER_LIMIT = 64 * 1024
 #: Pipelined requests parsed ahead of the one being served before the client is paused.
 PIPELINE_DEPTH = 16
-#: Parsers of connections gone idle kept for the next requests (``ProxyState.parsers``); more
-#: are dropped. An idle connection holds none: most of its Python memory otherwise.
+#: Parsers given back by idle connections kept for the next requests (``ProxyState.parsers``).
 FREE_PARSERS = 1024
 #: Seconds a connection closed with request bytes still coming keeps reading (and dropping)
 #: them, so that the client reads our answer rather than a reset.
@@ -55,7 +54,8 @@ def protocol_factory(state: ProxyState) -> Callable[[], asyncio.Protocol]:
 class ClientConnection(asyncio.Protocol):
     """One client's connection: keep-alive, pipelining, flow control, upgrades.
 
-    The ``http1.RequestSink`` of its parser and the ``exchange.ClientSide`` of its requests.
+    The ``http1.RequestSink`` of its parser, held only while a request is read (idle, ``reader``
+    is ``IDLE_PARSER``: a parser was most of its memory), and the ``exchange.ClientSide``.
     """
 
     __slots__ = (

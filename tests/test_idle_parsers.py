@@ -167,6 +167,31 @@ async def test_a_request_split_over_reads_keeps_its_parser(px: RunningProxy) -> 
         assert_free_list_sound(px)
 
 
+async def test_a_parser_handed_on_still_bounds_chunk_framing(px: RunningProxy) -> None:
+    """Its counters come from another connection's requests: the bounds still hold."""
+    chunked = (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3;a=b\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n")
+    async with await RawClient.open(px.port) as a:
+        for _ in range(5):
+            await a.send(chunked)
+            assert (await a.response()).body == b"abcde"
+    await until(lambda: len(px.state.parsers) == 1, "the one parser was given back")
+    used = px.state.parsers[0]
+    async with await RawClient.open(px.port) as b:
+        conn = await server_side(px, b)
+        await b.send(chunked + chunked)
+        assert [(await b.response()).body for _ in range(2)] == [b"abcde", b"abcde"]
+        await until(lambda: conn.reader is IDLE_PARSER, "the connection went idle")
+        assert px.state.parsers == [used]
+        await b.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"1;ext=" + b"e" * 200_000 + b"\r\na\r\n0\r\n\r\n")
+        r = await b.response()
+        assert r.status == 400 and b"chunk extensions" in r.body
+        assert conn.reader is used and not used.reusable
+    assert used not in px.state.parsers
+    assert_free_list_sound(px)
+
+
 async def test_a_refused_request_never_hands_its_parser_on(px: RunningProxy) -> None:
     async with await RawClient.open(px.port) as c:
         conn = await server_side(px, c)
