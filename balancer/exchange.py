@@ -67,14 +67,14 @@ __all__ = ["ELSEWHERE", "GIVE_UP", "IDEMPOTENT", "P_BUFFER", "P_UPSTREAM", "REPL
 log = logging.getLogger("balancer.proxy")
 
 
-_RID_PREFIX = os.urandom(4).hex()
+_RID_PREFIX = os.urandom(4).hex().encode()
 _rid_seq = count(1)
 _SANE_RID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}").fullmatch
 
 
 def new_request_id() -> bytes:
     """Unique per process and cheap: a random prefix and a counter."""
-    return f"{_RID_PREFIX}{next(_rid_seq):08x}".encode()
+    return b"%s%08x" % (_RID_PREFIX, next(_rid_seq))
 
 
 #: IP addresses (with a port) and ('host', port) tuples in OS error texts.
@@ -163,8 +163,7 @@ class Exchange(Forwarding):
             self.respond_local(404, "no route for this host and path")
             return
         self._build_head()
-        self.ctx = PickContext(self.conn.client_ip, req.path.decode("latin-1"),
-                               req.method.decode("ascii"), req.headers)
+        self.ctx = PickContext(self.conn.client_ip, req.path, req.method, req.headers)
         self._attempt()
 
     def _build_head(self) -> None:

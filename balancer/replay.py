@@ -43,8 +43,8 @@ class _Context(PickContext):
     def __init__(self, client_ip: str, path: str, method: str,  # noqa: D107
                  headers: dict[str, str]) -> None:  # no super(): one call less per line
         self.client_ip = client_ip
-        self.path = path
-        self.method = method
+        self._path = path
+        self._method = method
         self._raw = ()
         self._headers = headers
         self._cookies = None

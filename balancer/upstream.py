@@ -53,6 +53,10 @@ MAX_IDLE = 256
 IDLE_TIMEOUT = 4.0
 
 
+_SEP = b": "
+_CRLF = b"\r\n"
+
+
 class BadResponse(Exception):
     """A response the proxy will not pass on (raised from a parser callback; becomes a 502)."""
 
@@ -111,22 +115,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.lost = False
         self.idle_since = 0.0
         self.spliced = False
-        self._reset()
+        self.begin(None, False)
 
-    def _reset(self) -> None:
-        self.head = ResponseHead()
-        self.keep_alive = False
-        self.complete = False
-        self.garbage = False
-        self.trailers: list[bytes] | None = None
-        self.in_trailers = False
-        self.received = 0  # bytes read for the current request (anything at all: not stale)
-
-    def begin(self, sink: ResponseSink, head_request: bool) -> None:
-        """Serve one request: its response events go to ``sink``."""
+    def begin(self, sink: ResponseSink | None, head_request: bool) -> None:
+        """Serve one request: its response events go to ``sink``. (Per-response state is
+        reset here, in one call: this runs for every request.)"""
         self.sink = sink
         self.head_request = head_request
-        self._reset()
+        self.head = ResponseHead()
+        self.keep_alive = self.complete = self.garbage = self.in_trailers = False
+        self.trailers: list[bytes] | None = None
+        self.received = 0  # bytes read for the current request (anything at all: not stale)
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -237,10 +236,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         kind = RESPONSE_HEADERS[name]
         if not kind:
-            self.head.lines.append(name + b": " + value + b"\r\n")
+            # Kept as parts (name, ": ", value, CRLF), joined once with the whole answer head:
+            # one list extend instead of three concatenations, for every header of every answer.
+            self.head.lines += (name, _SEP, value, _CRLF)
         elif kind == R_LENGTH:
-            self.head.lines.append(name + b": " + value + b"\r\n")
-            self.head.framing = LENGTH
+            head = self.head
+            head.lines += (name, _SEP, value, _CRLF)
+            head.framing = LENGTH
         elif kind == R_CODING:
             if value.strip().lower() != b"chunked":
                 # Only chunked is implemented; passing other codings on would mislabel the body.
@@ -263,7 +265,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink.upstream_head(head)  # type: ignore[union-attr]
             return
         if head.named is not None:  # they are hop-by-hop too
-            head.lines = drop_named(head.lines, head.named)
+            lines = head.lines
+            head.lines = drop_named([b"".join(lines[i:i + 4]) for i in range(0, len(lines), 4)],
+                                    head.named)
         if self.head_request or status == 204 or status == 304:
             head.framing = NO_BODY
         self.in_trailers = True

@@ -339,7 +339,7 @@ class ResponseHead:
     def __init__(self) -> None:
         self.status = 0
         self.reason = b""
-        self.lines: list[bytes] = []  # header lines passed on as they are
+        self.lines: list[bytes] = []  # header lines passed on, or their parts: joined whole
         self.framing = UNTIL_CLOSE  # as the backend sent it: NO_BODY, LENGTH, CHUNKED...
         self.named: list[bytes] | None = None  # header names listed in Connection
 

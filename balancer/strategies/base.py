@@ -16,18 +16,34 @@ from balancer.backend import Backend
 
 class PickContext:
     """What a strategy may key on. Headers are kept raw and indexed only when first asked for,
-    because most strategies never look at them and the request path should not pay for it."""
+    and the path and method may be given as the request's bytes and are decoded only when
+    read, because most strategies never look at them and the request path should not pay."""
 
-    __slots__ = ("client_ip", "path", "method", "_raw", "_headers", "_cookies")
+    __slots__ = ("client_ip", "_path", "_method", "_raw", "_headers", "_cookies")
 
-    def __init__(self, client_ip: str = "", path: str = "/", method: str = "GET",
+    def __init__(self, client_ip: str = "", path: str | bytes = "/",
+                 method: str | bytes = "GET",
                  headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self.client_ip = client_ip
-        self.path = path
-        self.method = method
+        self._path = path
+        self._method = method
         self._raw = headers
         self._headers: dict[str, str] | None = None
         self._cookies: dict[str, str] | None = None
+
+    @property
+    def path(self) -> str:
+        path = self._path
+        if isinstance(path, bytes):
+            path = self._path = path.decode("latin-1")
+        return path
+
+    @property
+    def method(self) -> str:
+        method = self._method
+        if isinstance(method, bytes):
+            method = self._method = method.decode("latin-1")
+        return method
 
     def header(self, name: str) -> str | None:
         """A request header's value by case-insensitive name (the first one when repeated)."""
