@@ -66,19 +66,13 @@ class Upstream(asyncio.Protocol):
         self.out: list[bytes] = []
         self.reason = b""
         self.lines: list[bytes] = []
-        self.sized = self.chunked = self.out_chunked = self.close_client = self.in_answer = False
+        self.sized = self.chunked = self.out_chunked = self.in_answer = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        if self.pending:
-            self.transport.writelines(self.pending)  # type: ignore[union-attr]
-            self.pending = []
-
-    def send(self, data: list[bytes]) -> None:
-        if self.transport is None:
-            self.pending += data
-        else:
-            self.transport.writelines(data)
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.writelines(self.pending)
+        self.pending = []
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -93,9 +87,8 @@ class Upstream(asyncio.Protocol):
             self.out = []
             if client is not None and client.transport is not None:
                 client.transport.writelines(out)
-                if self.close_client:
+                if self.client is None and not client.keep_alive:  # answered: close
                     client.transport.close()
-        self.close_client = False
 
     def on_message_begin(self) -> None:
         self.reason = b""
@@ -146,10 +139,7 @@ class Upstream(asyncio.Protocol):
         self.in_answer = False
         if self.out_chunked:
             self.out.append(b"0\r\n\r\n")
-        client = self.client
         self.client = None
-        if client is not None and not client.keep_alive:
-            self.close_client = True
         if self.parser.should_keep_alive():
             self.pool.append(self)
         else:
@@ -202,7 +192,12 @@ class Client(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
             return
         if self.out:
-            self.up.send(self.out)  # type: ignore[union-attr]
+            up = self.up
+            assert up is not None
+            if up.transport is None:
+                up.pending += self.out
+            else:
+                up.transport.writelines(self.out)
             self.out = []
 
     def on_message_begin(self) -> None:
