@@ -69,9 +69,8 @@ class Upstream(asyncio.Protocol):
         self.sized = self.chunked = self.out_chunked = self.in_answer = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.writelines(self.pending)
+        self.transport = transport  # type: ignore[assignment]
+        transport.writelines(self.pending)  # type: ignore[attr-defined]
         self.pending = []
 
     def data_received(self, data: bytes) -> None:
