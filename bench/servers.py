@@ -172,10 +172,11 @@ def start_backend(procs: Processes, kind: str, cpu: int | None) -> Backend:
 # --------------------------------------------------------------------------- the proxies
 
 PROXIES = ("nginx", "haproxy", "balancer")
-#: Variants of balancer for A/B measurements, named in ``--proxies`` like the others:
-#: ``balancer-nolog`` runs without its access log (BALANCER_LOG_LEVEL=WARNING), and
-#: ``balancer-alt`` runs the checkout given as ``--alt-src`` (a proposed change).
-VARIANTS = ("balancer-nolog", "balancer-alt")
+#: Extra proxies for A/B measurements, named in ``--proxies`` like the others:
+#: ``balancer-nolog`` runs without its access log (BALANCER_LOG_LEVEL=WARNING),
+#: ``balancer-alt`` runs the checkout given as ``--alt-src`` (a proposed change), and
+#: ``floor`` is ``floor.py``, a featureless proxy built from balancer's parts (one process).
+VARIANTS = ("balancer-nolog", "balancer-alt", "floor")
 
 
 def proxy_missing(kind: str, alt_src: Path | None = None) -> str | None:
@@ -229,6 +230,8 @@ def start_proxy(procs: Processes, kind: str, backend: Backend, cpu: int | None,
             env = {"PYTHONPATH": str(alt_src.resolve())}
         elif kind != "balancer":
             raise ValueError(f"unknown proxy {kind!r}")
+    elif kind == "floor":
+        argv = [sys.executable, str(HERE / "floor.py"), str(port), str(b1), str(b2)]
     else:
         raise ValueError(f"unknown proxy {kind!r} (known: {', '.join(PROXIES + VARIANTS)})")
     proc = procs.start(name, argv, cpu, env)

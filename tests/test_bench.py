@@ -6,18 +6,22 @@ cleans up, and that its arithmetic is right.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from bench.load import LoadResult, parse_wrk
 from bench.report import Measurement, summarise
+from tests.support.net import free_port, name_app, run_app
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -48,22 +52,24 @@ def assert_cleaned_up(stdout: str) -> None:
             assert workdir[1].encode() not in cmdline, cmdline
 
 
-def assert_numbers(stdout: str, raw: dict) -> None:
-    rows = [ln for ln in stdout.splitlines() if ln.startswith("| balancer |")]
-    assert len(rows) == 1, stdout  # the summary line
-    assert sum(ln.startswith("| small c64 | balancer |") for ln in stdout.splitlines()) == 1
+def assert_numbers(stdout: str, raw: dict, proxies: tuple[str, ...] = ("balancer",)) -> None:
+    lines = stdout.splitlines()
+    for proxy in proxies:
+        assert sum(ln.startswith(f"| {proxy} |") for ln in lines) == 1, stdout  # the summary
+        assert sum(ln.startswith(f"| small c64 | {proxy} |") for ln in lines) == 1, stdout
+        assert raw["peak_rss_kib"][proxy] > 0
+        assert proxy in raw["idle_bytes"]
     ms = raw["measurements"]
     assert {m["scenario"] for m in ms} == SCENARIO_NAMES
+    assert {m["proxy"] for m in ms} == set(proxies)
     for m in ms:
         assert m["load"]["requests"] > 0 and m["cpu_us_per_request"] > 0, m
         assert m["load"]["errors"] == 0 and m["load"]["non2xx"] == 0, m
-    assert raw["peak_rss_kib"]["balancer"] > 0
-    assert "balancer" in raw["idle_bytes"]
 
 
-def test_quick_run_against_balancer(tmp_path: Path) -> None:
-    done, raw = run_bench(tmp_path)
-    assert_numbers(done.stdout, raw)
+def test_quick_run_against_balancer_and_the_floor(tmp_path: Path) -> None:
+    done, raw = run_bench(tmp_path, "--proxies", "balancer,floor")
+    assert_numbers(done.stdout, raw, ("balancer", "floor"))
     assert_cleaned_up(done.stdout)
 
 
@@ -74,6 +80,69 @@ def test_quick_run_with_the_bundled_backend_and_load_generator(tmp_path: Path) -
     assert "backend: builtin; load: python" in done.stdout
     assert_numbers(done.stdout, raw)
     assert_cleaned_up(done.stdout)
+
+
+@pytest.fixture
+async def floor() -> AsyncIterator[int]:
+    """bench/floor.py in front of two real backends, ``a`` and ``b``; yields its port."""
+    async with run_app(name_app("a")) as a, run_app(name_app("b")) as b:
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(BENCH / "floor.py"), str(port), str(a), str(b),
+            stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+        try:
+            assert proc.stdout is not None
+            assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"ready\n"
+            yield port
+        finally:
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_floor_forwards_with_the_headers_balancer_adds(floor: int) -> None:
+    """The floor does the benchmark's work for real: round robin over one kept-alive client
+    connection, the forwarding headers both ways, request bodies plain and chunked."""
+    url = f"http://127.0.0.1:{floor}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                     timeout=aiohttp.ClientTimeout(total=10)) as session:
+        seen, rids = [], set()
+        for _ in range(4):
+            async with session.get(f"{url}/headers",
+                                   headers={"X-Forwarded-For": "203.0.113.7"}) as resp:
+                assert resp.status == 200
+                sent = await resp.json()
+                seen.append(resp.headers["X-Backend"])
+                assert resp.headers["Via"] == "1.1 floor"
+                assert sent["X-Request-ID"] == resp.headers["X-Request-ID"]
+                rids.add(sent["X-Request-ID"])
+                assert sent["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+                assert sent["X-Forwarded-Proto"] == "http"
+                assert sent["X-Forwarded-Host"] == sent["Host"] == f"127.0.0.1:{floor}"
+                assert sent["Via"] == "1.1 floor"
+        assert sorted(seen) == ["a", "a", "b", "b"] and seen[0] != seen[1], seen
+        assert len(rids) == 4
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for part in (b"one ", b"two"):
+                yield part
+
+        for body, echoed in ((b"plain body", b"plain body"), (chunks(), b"one two")):
+            async with session.post(f"{url}/echo", data=body) as resp:
+                assert resp.status == 200
+                assert await resp.read() == echoed
+
+    # Keep-alive: two answers on one client connection, the backends taking turns.
+    reader, writer = await asyncio.open_connection("127.0.0.1", floor)
+    try:
+        names = []
+        for _ in range(2):
+            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" not in head
+            names.append(await asyncio.wait_for(reader.readexactly(1), 10))
+        assert sorted(names) == [b"a", b"b"]
+    finally:
+        writer.close()
 
 
 WRK_OUTPUT = """\
