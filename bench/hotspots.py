@@ -27,12 +27,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.load import load_tool, run_load
 from bench.servers import VARIANTS, Processes, StartError, start_backend, start_proxy
 
+#: What each file of the request path is for, to add self time up by area (the profile that
+#: says where the CPU beyond a featureless proxy goes). Frames outside ``balancer/`` are the
+#: event loop (uvloop's callbacks into Python, epoll, the socket calls made from there).
+AREAS = {
+    "balancer/http1/": "parsing and the HTTP/1 rules (httptools callbacks, checks)",
+    "balancer/proxy.py": "client connection (keep-alive, order, flow control)",
+    "balancer/slowclients.py": "client connection (keep-alive, order, flow control)",
+    "balancer/exchange.py": "forwarding (heads, answer, retries, timers)",
+    "balancer/forward.py": "forwarding (heads, answer, retries, timers)",
+    "balancer/upstream.py": "upstream connections (pool, response parsing)",
+    "balancer/proxystate.py": "forwarding (heads, answer, retries, timers)",
+    "balancer/accesslog.py": "access log",
+    "balancer/pool.py": "pool, strategy, backend counters",
+    "balancer/backend.py": "pool, strategy, backend counters",
+    "balancer/strategies/": "pool, strategy, backend counters",
+    "balancer/router.py": "routing",
+}
+
+
+def area_of(path: str) -> str:
+    """The area of ``path`` (as ``_short`` gives it)."""
+    for prefix, area in AREAS.items():
+        if path.startswith(prefix):
+            return area
+    if path.startswith("balancer/"):
+        return "balancer, elsewhere (metrics, monitor, admin, health)"
+    return "event loop and what Python calls from it (outside balancer/)"
+
 
 def summarise(raw: str, top: int = 25) -> str:
     """Self and inclusive shares from py-spy's ``--format raw`` (collapsed stacks)."""
     self_fn: Counter[str] = Counter()
     incl_fn: Counter[str] = Counter()
     self_file: Counter[str] = Counter()
+    self_area: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -43,6 +72,7 @@ def summarise(raw: str, top: int = 25) -> str:
         frames = [_short(f) for f in stack.split(";")]
         self_fn[frames[-1][0]] += n
         self_file[frames[-1][1]] += n
+        self_area[area_of(frames[-1][1])] += n
         for name in {f[0] for f in frames}:
             incl_fn[name] += n
     if not total:
@@ -55,6 +85,7 @@ def summarise(raw: str, top: int = 25) -> str:
     return "\n\n".join([f"{total} samples while busy",
                         table("self time by function", self_fn),
                         table("self time by file", self_file),
+                        table("self time by area", self_area),
                         table("inclusive time by function", incl_fn)])
 
 
@@ -63,8 +94,8 @@ def _short(frame: str) -> tuple[str, str]:
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
     marker = "/balancer/"
-    if marker in path:
-        path = "balancer/" + path.split(marker, 1)[1]
+    if marker in "/" + path:  # absolute, or relative to the checkout
+        path = "balancer/" + ("/" + path).split(marker, 1)[1]
     else:
         path = path.rsplit("/", 1)[-1] or "?"
     return f"{name} ({path})", path
