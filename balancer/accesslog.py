@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from hashlib import blake2b
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 __all__ = ["LOGGER", "PROCESS_KEY", "AccessLogHandler", "KeyRecorder", "digest", "digest_key",
            "enabled", "write"]
@@ -57,8 +57,8 @@ _CONSTANT = {
 
 _second = -1
 _stamp = ""
-# Names (pools, backends) come from the config: escaped once each, then looked up.
-_names: dict[str, str] = {}
+# Names (pools, backends) come from the config: a pair is quoted once, then looked up.
+_places: dict[tuple[str | None, str | None], str] = {}
 
 
 def enabled() -> bool:
@@ -66,26 +66,26 @@ def enabled() -> bool:
     return LOGGER.isEnabledFor(_INFO)
 
 
-def _timestamp(now: float) -> str:
+_time = time.time
+
+
+def _new_second(sec: int) -> None:
+    """The line's time up to its milliseconds (``_stamp``), formatted once per second."""
     global _second, _stamp
-    sec = int(now)
-    if sec != _second:
-        _second = sec
-        _stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-    return _stamp + _MILLIS[int((now - sec) * 1000)]
+    _second = sec
+    _stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
 
 
 _MILLIS = [f"{ms:03d}Z" for ms in range(1001)]
 
 
-def _name(value: str | None) -> str:
-    if value is None:
-        return "null"
-    quoted = _names.get(value)
-    if quoted is None:
-        if len(_names) > 4096:
-            _names.clear()
-        quoted = _names[value] = json.dumps(value)
+def _place(pool: str | None, backend: str | None) -> str:
+    """``"pool":…,"backend":…`` for a pool and backend name, quoted once per pair."""
+    if len(_places) > 4096:
+        _places.clear()
+    quoted = _places[pool, backend] = (f'"pool":{"null" if pool is None else json.dumps(pool)}'
+                                       f',"backend":'
+                                       f'{"null" if backend is None else json.dumps(backend)}')
     return quoted
 
 
@@ -198,13 +198,22 @@ def write(request_id: bytes, client: str, method: bytes, target: bytes, pool: st
     ``request_id`` must be JSON-safe as it is (the proxy only keeps ids of ``[A-Za-z0-9._:+/=@-]``).
     ``host``: as routed (b"": none); ``keys``: a ``KeyRecorder``'s fragment, or "".
     """
-    now = time.time()
-    line = (f'{{"time":"{_timestamp(now)}","request_id":"{request_id.decode("ascii")}",'
-            f'"client":"{client}","method":{_method(method)},'
-            f'"host":{_hosts.get(host) or _host(host)},"path":{_text(target)},'
-            f'"pool":{_name(pool)},"backend":{_name(backend)},"status":{status},'
-            f'"upstream_time":{"null" if upstream_time is None else f"{upstream_time:.6f}"},'
-            f'"total_time":{total_time:.6f},"bytes":{bytes_sent}{keys}}}')
+    # One frame per line: the helpers' common cases are inlined (a call costs more than
+    # most of them do), what is constant per name is looked up already quoted.
+    now = _time()
+    sec = int(now)
+    if sec != _second:
+        _new_second(sec)
+    path = target.decode("latin-1")
+    if '"' in path or "\\" in path or not path.isascii():
+        path = json.dumps(path)[1:-1]
+    line = (f'{{"time":"{_stamp}{_MILLIS[int((now - sec) * 1000)]}","request_id":"'
+            f'{request_id.decode("ascii")}","client":"{client}","method":'
+            f'{_methods.get(method) or _method(method)},"host":{_hosts.get(host) or _host(host)}'
+            f',"path":"{path}",{_places.get((pool, backend)) or _place(pool, backend)}'
+            f',"status":{status},"upstream_time":'
+            f'{"null" if upstream_time is None else "%.6f" % upstream_time},"total_time":'
+            f'{"%.6f" % total_time},"bytes":{bytes_sent}{keys}}}')
     handlers = LOGGER.handlers
     if len(handlers) == 1:
         handler = handlers[0]
@@ -212,8 +221,12 @@ def write(request_id: bytes, client: str, method: bytes, target: bytes, pool: st
                 and not LOGGER.propagate):
             # The usual set-up (logs.setup_logging): the batching handler alone, writing the
             # line as it is. Appending to its batch is what Logger.handle would end up doing,
-            # without the record, the handler lock and the formatter (4.5 -> 2.4 us a line).
-            handler.add(line)
+            # without the record, the handler lock and the formatter (4.5 -> 2.4 us a line);
+            # ``add`` is needed only when the batch is full or has no timer yet.
+            lines = handler._lines
+            lines.append(line)
+            if handler._timer is None or len(lines) >= handler.max_lines:
+                handler._added()
             return
     LOGGER.handle(AccessRecord(line, now))
 
@@ -234,14 +247,32 @@ class AccessLogHandler(logging.Handler):
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    @property
-    def direct(self) -> bool:
-        """Whether ``write`` may hand lines straight to ``add``: they would be written
-        unchanged (no filter, no level above INFO, no formatter other than ``%(message)s``)."""
+    # ``direct``: whether ``write`` may hand lines straight to the batch: they would be
+    # written unchanged (no filter, no level above INFO, no formatter other than
+    # ``%(message)s``). Kept up to date by the setters below rather than judged per line.
+    direct = True
+
+    def _judge(self) -> None:
         fmt = self.formatter
-        return (not self.filters and self.level <= _INFO
-                and (fmt is None or (type(fmt) is logging.Formatter
-                                     and fmt._fmt == "%(message)s")))
+        self.direct = (not self.filters and self.level <= _INFO
+                       and (fmt is None or (type(fmt) is logging.Formatter
+                                            and fmt._fmt == "%(message)s")))
+
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        super().setFormatter(fmt)
+        self._judge()
+
+    def setLevel(self, level: int | str) -> None:
+        super().setLevel(level)
+        self._judge()
+
+    def addFilter(self, filter: Any) -> None:
+        super().addFilter(filter)
+        self._judge()
+
+    def removeFilter(self, filter: Any) -> None:
+        super().removeFilter(filter)
+        self._judge()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -251,9 +282,12 @@ class AccessLogHandler(logging.Handler):
 
     def add(self, line: str) -> None:
         """Append one line to the batch; write the batch when full, or arm its timer."""
-        lines = self._lines
-        lines.append(line)
-        if len(lines) >= self.max_lines:
+        self._lines.append(line)
+        self._added()
+
+    def _added(self) -> None:
+        """A line was appended: write the batch when full, or arm its timer."""
+        if len(self._lines) >= self.max_lines:
             self.flush()
         elif self._timer is None:
             try:
