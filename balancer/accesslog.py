@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -55,8 +56,14 @@ _CONSTANT = {
     "processName": "MainProcess", "process": os.getpid(), "taskName": None,
 }
 
-_second = -1
+# The line's time is formatted once per millisecond: ``_stamp`` holds it for every ``now`` in
+# [_from, _until), the millisecond's span less a margin wider than a float's rounding of a
+# time (<0.5 us until 2242), so that the exact rule in ``_new_stamp`` decides at its edges.
+_from = _until = 0.0
 _stamp = ""
+_second = -1
+_second_text = ""
+_MARGIN = 2e-6
 # Names (pools, backends) come from the config: a pair is quoted once, then looked up.
 _places: dict[tuple[str | None, str | None], str] = {}
 
@@ -67,13 +74,22 @@ def enabled() -> bool:
 
 
 _time = time.time
+_floor = math.floor
 
 
-def _new_second(sec: int) -> None:
-    """The line's time up to its milliseconds (``_stamp``), formatted once per second."""
-    global _second, _stamp
-    _second = sec
-    _stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+def _new_stamp(now: float) -> str:
+    """``now`` as the line's time (ISO 8601 UTC, milliseconds truncated); the part up to the
+    seconds is formatted once per second."""
+    global _from, _until, _stamp, _second, _second_text
+    sec = _floor(now)  # int(now) for a time after 1970, in a third of the instructions
+    if sec != _second:
+        _second = sec
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+    ms = _floor((now - sec) * 1000)
+    _stamp = _second_text + _MILLIS[ms]
+    _from = sec + ms / 1000 + _MARGIN
+    _until = sec + (ms + 1) / 1000 - _MARGIN
+    return _stamp
 
 
 _MILLIS = [f"{ms:03d}Z" for ms in range(1001)]
@@ -201,13 +217,11 @@ def write(request_id: bytes, client: str, method: bytes, target: bytes, pool: st
     # One frame per line: the helpers' common cases are inlined (a call costs more than
     # most of them do), what is constant per name is looked up already quoted.
     now = _time()
-    sec = int(now)
-    if sec != _second:
-        _new_second(sec)
+    stamp = _stamp if _from <= now < _until else _new_stamp(now)
     path = target.decode("latin-1")
     if '"' in path or "\\" in path or not path.isascii():
         path = json.dumps(path)[1:-1]
-    line = (f'{{"time":"{_stamp}{_MILLIS[int((now - sec) * 1000)]}","request_id":"'
+    line = (f'{{"time":"{stamp}","request_id":"'
             f'{request_id.decode("ascii")}","client":"{client}","method":'
             f'{_methods.get(method) or _method(method)},"host":{_hosts.get(host) or _host(host)}'
             f',"path":"{path}",{_places.get((pool, backend)) or _place(pool, backend)}'
