@@ -1,8 +1,9 @@
 """The access log: one JSON object per request on the ``balancer.access`` logger.
 
 It runs once per request, so it is built to be cheap: the line is formatted by hand (no
-``json.dumps`` unless a value needs escaping), the timestamp's seconds part is formatted once
-per second, and the record is handed straight to the logger's handlers. ``Logger.info`` would
+``json.dumps`` unless a value needs escaping, names quoted once), the timestamp is formatted
+once per millisecond, and the line is handed straight to the logger's handlers (to the batch
+itself in the usual set-up). ``Logger.info`` would
 walk the stack to find the caller's file and line and fill a full ``LogRecord`` (most of the
 ~9 µs it costs); an access record's source is always this module, so those fields are constants.
 The proxy asks ``enabled()`` first, so a disabled log costs one check.
@@ -175,7 +176,7 @@ class KeyRecorder:
     Digests of recent values are kept (bounded): a tenant or session comes back again and
     again, and a dict lookup costs a tenth of a keyed blake2b."""
 
-    __slots__ = ("labels", "_fields", "_key", "_digests")
+    __slots__ = ("labels", "_fields", "_key", "_digests", "_single")
 
     def __init__(self, labels: Sequence[str], key: bytes) -> None:
         self.labels = tuple(labels)
@@ -183,24 +184,39 @@ class KeyRecorder:
         # (header?, name, '"label":') per label, each label quoted once here.
         self._fields = tuple((label.startswith("header:"), label.partition(":")[2],
                               json.dumps(label) + ":") for label in self.labels)
-        self._digests: dict[str, str] = {}
+        # By value: its quoted digest; with one label (the usual ``consistent_hash`` key),
+        # the whole fragment, so that a value seen before costs one lookup.
+        self._digests: dict[str | None, str] = {}
+        self._single = len(self._fields) == 1
 
     def __call__(self, ctx: KeyContext) -> str:
         """``,"keys":{...}`` for ``ctx``: a digest per input it carries, null per one it lacks."""
-        digests = self._digests
+        if self._single:
+            is_header, name, quoted = self._fields[0]
+            value = ctx.header(name) if is_header else ctx.cookie(name)
+            whole = self._digests.get(value)
+            if whole is None:
+                whole = ',"keys":{' + quoted + self._quoted(value) + "}"
+                self._remember(value, whole)
+            return whole
         parts = []
         for is_header, name, quoted in self._fields:
             value = ctx.header(name) if is_header else ctx.cookie(name)
-            if value is None:
-                parts.append(quoted + "null")
-                continue
-            hashed = digests.get(value)
+            hashed = self._digests.get(value)
             if hashed is None:
-                if len(digests) >= 4096:
-                    digests.clear()
-                hashed = digests[value] = '"' + digest(value, self._key) + '"'
+                hashed = self._quoted(value)
+                self._remember(value, hashed)
             parts.append(quoted + hashed)
         return ',"keys":{' + ",".join(parts) + "}"
+
+    def _quoted(self, value: str | None) -> str:
+        return "null" if value is None else '"' + digest(value, self._key) + '"'
+
+    def _remember(self, value: str | None, text: str) -> None:
+        digests = self._digests
+        if len(digests) >= 4096:
+            digests.clear()
+        digests[value] = text
 
     def __repr__(self) -> str:
         return f"<KeyRecorder {', '.join(self.labels)}>"
