@@ -89,7 +89,7 @@ async def measure(config: str, requests: int, reps: int, request: bytes = REQUES
 
     # The access log on, batched, as shipped, into /dev/null: a real run's file costs a write
     # per batch; an io.StringIO would grow to hundreds of MB and slow every append.
-    sink = open(os.devnull, "w")  # noqa: SIM115 - open for the whole measurement
+    sink = open(os.devnull, "w")  # open for the whole measurement
     logs.setup_logging(stream=sink)
     app = App(config)
     for pool in app.pools.values():
