@@ -1,8 +1,9 @@
 """The access log: one JSON object per request on the ``balancer.access`` logger.
 
 It runs once per request, so it is built to be cheap: the line is formatted by hand (no
-``json.dumps`` unless a value needs escaping), the timestamp's seconds part is formatted once
-per second, and the record is handed straight to the logger's handlers. ``Logger.info`` would
+``json.dumps`` unless a value needs escaping, names quoted once), the timestamp is formatted
+once per millisecond, and the line is handed straight to the logger's handlers (to the batch
+itself in the usual set-up). ``Logger.info`` would
 walk the stack to find the caller's file and line and fill a full ``LogRecord`` (most of the
 ~9 µs it costs); an access record's source is always this module, so those fields are constants.
 The proxy asks ``enabled()`` first, so a disabled log costs one check.
@@ -20,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Sequence
 from hashlib import blake2b
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 __all__ = ["LOGGER", "PROCESS_KEY", "AccessLogHandler", "KeyRecorder", "digest", "digest_key",
            "enabled", "write"]
@@ -55,10 +57,16 @@ _CONSTANT = {
     "processName": "MainProcess", "process": os.getpid(), "taskName": None,
 }
 
-_second = -1
+# The line's time is formatted once per millisecond: ``_stamp`` holds it for every ``now`` in
+# [_from, _until), the millisecond's span less a margin wider than a float's rounding of a
+# time (<0.5 us until 2242), so that the exact rule in ``_new_stamp`` decides at its edges.
+_from = _until = 0.0
 _stamp = ""
-# Names (pools, backends) come from the config: escaped once each, then looked up.
-_names: dict[str, str] = {}
+_second = -1
+_second_text = ""
+_MARGIN = 2e-6
+# Names (pools, backends) come from the config: a pair is quoted once, then looked up.
+_places: dict[tuple[str | None, str | None], str] = {}
 
 
 def enabled() -> bool:
@@ -66,26 +74,35 @@ def enabled() -> bool:
     return LOGGER.isEnabledFor(_INFO)
 
 
-def _timestamp(now: float) -> str:
-    global _second, _stamp
-    sec = int(now)
+_time = time.time
+_floor = math.floor
+
+
+def _new_stamp(now: float) -> str:
+    """``now`` as the line's time (ISO 8601 UTC, milliseconds truncated); the part up to the
+    seconds is formatted once per second."""
+    global _from, _until, _stamp, _second, _second_text
+    sec = _floor(now)  # int(now) for a time after 1970, in a third of the instructions
     if sec != _second:
         _second = sec
-        _stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-    return _stamp + _MILLIS[int((now - sec) * 1000)]
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+    ms = _floor((now - sec) * 1000)
+    _stamp = _second_text + _MILLIS[ms]
+    _from = sec + ms / 1000 + _MARGIN
+    _until = sec + (ms + 1) / 1000 - _MARGIN
+    return _stamp
 
 
 _MILLIS = [f"{ms:03d}Z" for ms in range(1001)]
 
 
-def _name(value: str | None) -> str:
-    if value is None:
-        return "null"
-    quoted = _names.get(value)
-    if quoted is None:
-        if len(_names) > 4096:
-            _names.clear()
-        quoted = _names[value] = json.dumps(value)
+def _place(pool: str | None, backend: str | None) -> str:
+    """``"pool":…,"backend":…`` for a pool and backend name, quoted once per pair."""
+    if len(_places) > 4096:
+        _places.clear()
+    quoted = _places[pool, backend] = (f'"pool":{"null" if pool is None else json.dumps(pool)}'
+                                       f',"backend":'
+                                       f'{"null" if backend is None else json.dumps(backend)}')
     return quoted
 
 
@@ -159,7 +176,7 @@ class KeyRecorder:
     Digests of recent values are kept (bounded): a tenant or session comes back again and
     again, and a dict lookup costs a tenth of a keyed blake2b."""
 
-    __slots__ = ("labels", "_fields", "_key", "_digests")
+    __slots__ = ("labels", "_fields", "_key", "_digests", "_single")
 
     def __init__(self, labels: Sequence[str], key: bytes) -> None:
         self.labels = tuple(labels)
@@ -167,24 +184,39 @@ class KeyRecorder:
         # (header?, name, '"label":') per label, each label quoted once here.
         self._fields = tuple((label.startswith("header:"), label.partition(":")[2],
                               json.dumps(label) + ":") for label in self.labels)
-        self._digests: dict[str, str] = {}
+        # By value: its quoted digest; with one label (the usual ``consistent_hash`` key),
+        # the whole fragment, so that a value seen before costs one lookup.
+        self._digests: dict[str | None, str] = {}
+        self._single = len(self._fields) == 1
 
     def __call__(self, ctx: KeyContext) -> str:
         """``,"keys":{...}`` for ``ctx``: a digest per input it carries, null per one it lacks."""
-        digests = self._digests
+        if self._single:
+            is_header, name, quoted = self._fields[0]
+            value = ctx.header(name) if is_header else ctx.cookie(name)
+            whole = self._digests.get(value)
+            if whole is None:
+                whole = ',"keys":{' + quoted + self._quoted(value) + "}"
+                self._remember(value, whole)
+            return whole
         parts = []
         for is_header, name, quoted in self._fields:
             value = ctx.header(name) if is_header else ctx.cookie(name)
-            if value is None:
-                parts.append(quoted + "null")
-                continue
-            hashed = digests.get(value)
+            hashed = self._digests.get(value)
             if hashed is None:
-                if len(digests) >= 4096:
-                    digests.clear()
-                hashed = digests[value] = '"' + digest(value, self._key) + '"'
+                hashed = self._quoted(value)
+                self._remember(value, hashed)
             parts.append(quoted + hashed)
         return ',"keys":{' + ",".join(parts) + "}"
+
+    def _quoted(self, value: str | None) -> str:
+        return "null" if value is None else '"' + digest(value, self._key) + '"'
+
+    def _remember(self, value: str | None, text: str) -> None:
+        digests = self._digests
+        if len(digests) >= 4096:
+            digests.clear()
+        digests[value] = text
 
     def __repr__(self) -> str:
         return f"<KeyRecorder {', '.join(self.labels)}>"
@@ -198,13 +230,20 @@ def write(request_id: bytes, client: str, method: bytes, target: bytes, pool: st
     ``request_id`` must be JSON-safe as it is (the proxy only keeps ids of ``[A-Za-z0-9._:+/=@-]``).
     ``host``: as routed (b"": none); ``keys``: a ``KeyRecorder``'s fragment, or "".
     """
-    now = time.time()
-    line = (f'{{"time":"{_timestamp(now)}","request_id":"{request_id.decode("ascii")}",'
-            f'"client":"{client}","method":{_method(method)},'
-            f'"host":{_hosts.get(host) or _host(host)},"path":{_text(target)},'
-            f'"pool":{_name(pool)},"backend":{_name(backend)},"status":{status},'
-            f'"upstream_time":{"null" if upstream_time is None else f"{upstream_time:.6f}"},'
-            f'"total_time":{total_time:.6f},"bytes":{bytes_sent}{keys}}}')
+    # One frame per line: the helpers' common cases are inlined (a call costs more than
+    # most of them do), what is constant per name is looked up already quoted.
+    now = _time()
+    stamp = _stamp if _from <= now < _until else _new_stamp(now)
+    path = target.decode("latin-1")
+    if '"' in path or "\\" in path or not path.isascii():
+        path = json.dumps(path)[1:-1]
+    line = (f'{{"time":"{stamp}","request_id":"'
+            f'{request_id.decode("ascii")}","client":"{client}","method":'
+            f'{_methods.get(method) or _method(method)},"host":{_hosts.get(host) or _host(host)}'
+            f',"path":"{path}",{_places.get((pool, backend)) or _place(pool, backend)}'
+            f',"status":{status},"upstream_time":'
+            f'{"null" if upstream_time is None else "%.6f" % upstream_time},"total_time":'
+            f'{"%.6f" % total_time},"bytes":{bytes_sent}{keys}}}')
     handlers = LOGGER.handlers
     if len(handlers) == 1:
         handler = handlers[0]
@@ -212,8 +251,12 @@ def write(request_id: bytes, client: str, method: bytes, target: bytes, pool: st
                 and not LOGGER.propagate):
             # The usual set-up (logs.setup_logging): the batching handler alone, writing the
             # line as it is. Appending to its batch is what Logger.handle would end up doing,
-            # without the record, the handler lock and the formatter (4.5 -> 2.4 us a line).
-            handler.add(line)
+            # without the record, the handler lock and the formatter (4.5 -> 2.4 us a line);
+            # ``add`` is needed only when the batch is full or has no timer yet.
+            lines = handler._lines
+            lines.append(line)
+            if handler._timer is None or len(lines) >= handler.max_lines:
+                handler._added()
             return
     LOGGER.handle(AccessRecord(line, now))
 
@@ -234,14 +277,32 @@ class AccessLogHandler(logging.Handler):
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    @property
-    def direct(self) -> bool:
-        """Whether ``write`` may hand lines straight to ``add``: they would be written
-        unchanged (no filter, no level above INFO, no formatter other than ``%(message)s``)."""
+    # ``direct``: whether ``write`` may hand lines straight to the batch: they would be
+    # written unchanged (no filter, no level above INFO, no formatter other than
+    # ``%(message)s``). Kept up to date by the setters below rather than judged per line.
+    direct = True
+
+    def _judge(self) -> None:
         fmt = self.formatter
-        return (not self.filters and self.level <= _INFO
-                and (fmt is None or (type(fmt) is logging.Formatter
-                                     and fmt._fmt == "%(message)s")))
+        self.direct = (not self.filters and self.level <= _INFO
+                       and (fmt is None or (type(fmt) is logging.Formatter
+                                            and fmt._fmt == "%(message)s")))
+
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        super().setFormatter(fmt)
+        self._judge()
+
+    def setLevel(self, level: int | str) -> None:
+        super().setLevel(level)
+        self._judge()
+
+    def addFilter(self, filter: Any) -> None:
+        super().addFilter(filter)
+        self._judge()
+
+    def removeFilter(self, filter: Any) -> None:
+        super().removeFilter(filter)
+        self._judge()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -251,9 +312,12 @@ class AccessLogHandler(logging.Handler):
 
     def add(self, line: str) -> None:
         """Append one line to the batch; write the batch when full, or arm its timer."""
-        lines = self._lines
-        lines.append(line)
-        if len(lines) >= self.max_lines:
+        self._lines.append(line)
+        self._added()
+
+    def _added(self) -> None:
+        """A line was appended: write the batch when full, or arm its timer."""
+        if len(self._lines) >= self.max_lines:
             self.flush()
         elif self._timer is None:
             try:

@@ -19,6 +19,10 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 
+_FIRST_BUCKET = LATENCY_BUCKETS[0]
+_bucket = bisect_left
+_exp = math.exp
+
 #: Peak-EWMA decay time constant (seconds): how fast a past latency spike is forgotten.
 EWMA_DECAY = 10.0
 
@@ -111,25 +115,40 @@ class Backend:
 
     # --- recording outcomes (request path) -----------------------------------------------
 
-    def record_response(self, status: int, latency: float) -> None:
-        """Count one upstream answer and feed its latency to the histogram and the EWMA."""
-        self.requests_total += 1
-        self.requests_by_class[status // 100 if 100 <= status < 600 else 0] += 1
-        self.latency_sum += latency
-        self.latency_counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
+    def record(self, status: int, latency: float | None, error: str | None, now: float) -> int:
+        """Count one finished attempt: an answer (``status``) and/or an ``error`` kind; feed
+        ``latency`` to the histogram and the peak EWMA (which jumps up to a slower sample at
+        once and decays towards faster ones over time). Returns the consecutive failures
+        (errors and 5xx) so far, 0 after a success. One call per attempt: the request path
+        runs it for every request."""
+        if error is not None:
+            self.record_error(error)
+        if status:
+            self.requests_total += 1
+            self.requests_by_class[status // 100 if 100 <= status < 600 else 0] += 1
+            sample = latency or 0.0
+            self.latency_sum += sample
+            # Most answers of a healthy backend fall in the first bucket: no search for them.
+            self.latency_counts[0 if sample <= _FIRST_BUCKET else _bucket(LATENCY_BUCKETS,
+                                                                          sample)] += 1
+        if latency is not None:
+            ewma = self.ewma
+            if latency >= ewma:
+                self.ewma = latency
+            else:
+                stamp = self.ewma_stamp
+                w = _exp(-(now - stamp) / EWMA_DECAY) if stamp else 0.0
+                self.ewma = ewma * w + latency * (1.0 - w)
+            self.ewma_stamp = now
+        if error is not None or status >= 500:
+            self.consecutive_failures += 1
+            return self.consecutive_failures
+        self.consecutive_failures = 0
+        return 0
 
     def record_error(self, kind: str) -> None:
         """Count an upstream failure (``connect``, ``timeout``, ``reset``, ``protocol``…)."""
         self.errors[kind] = self.errors.get(kind, 0) + 1
-
-    def observe_latency(self, latency: float, now: float) -> None:
-        """Peak EWMA: jump up to a slower sample at once, decay towards faster ones over time."""
-        if latency >= self.ewma:
-            self.ewma = latency
-        else:
-            w = math.exp(-(now - self.ewma_stamp) / EWMA_DECAY) if self.ewma_stamp else 0.0
-            self.ewma = self.ewma * w + latency * (1.0 - w)
-        self.ewma_stamp = now
 
     def __repr__(self) -> str:
         return (f"<Backend {self.pool}/{self.name} {self.url} w={self.weight}"

@@ -392,32 +392,33 @@ class Exchange(Forwarding):
             return
         self.finished = True
         conn = self.conn
-        if self.settings.access_log and accesslog.enabled():
+        settings = self.settings
+        if settings.access_log and accesslog.enabled():
+            # The line's fields are gathered here, not in a method of their own: a call less
+            # per request. A failing log handler must not wedge the connection.
             try:
-                self._log()
-            except Exception:  # a failing log handler must not wedge the connection
+                pool = self.pool
+                req = self.req
+                keys = ""
+                recorders = settings.access_keys  # None unless a pool records hashed inputs
+                if recorders is not None and pool is not None and self.ctx is not None:
+                    recorder = recorders.get(pool.name)
+                    if recorder is not None:
+                        keys = recorder(self.ctx)
+                t_head = self.t_head
+                t_start = self.t_start
+                accesslog.write(
+                    self.rid or b"-", conn.client_ip, req.method, req.url,
+                    pool.name if pool is not None else None, self.backend_name,
+                    499 if self.client_gone and not self.committed else self.status,
+                    t_head - self.t_sent if t_head else None,
+                    now() - t_start if t_start else 0.0, self.bytes_out, req.host, keys)
+            except Exception:
                 try:
                     log.exception("access log failed")
                 except Exception:
                     pass
         conn.exchange_done(self)
-
-    def _log(self) -> None:
-        pool = self.pool
-        req = self.req
-        keys = ""
-        recorders = self.settings.access_keys  # None unless a pool records hashed inputs
-        if recorders is not None and pool is not None and self.ctx is not None:
-            recorder = recorders.get(pool.name)
-            if recorder is not None:
-                keys = recorder(self.ctx)
-        accesslog.write(
-            self.rid or b"-", self.conn.client_ip, req.method, req.url,
-            pool.name if pool is not None else None, self.backend_name,
-            499 if self.client_gone and not self.committed else self.status,
-            self.t_head - self.t_sent if self.t_head else None,
-            now() - self.t_start if self.t_start else 0.0, self.bytes_out, req.host, keys)
-
 
     def __repr__(self) -> str:
         return (f"<Exchange {self.req.method.decode('latin-1')} {self.req.url.decode('latin-1')}"

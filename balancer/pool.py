@@ -265,18 +265,9 @@ class Pool:
         """
         backend.in_flight -= 1
         now = self.clock()
-        if error is not None:
-            backend.record_error(error)
-        if status:
-            backend.record_response(status, latency or 0.0)
-        if latency is not None:
-            backend.observe_latency(latency, now)
-        if error is not None or status >= 500:
-            backend.consecutive_failures += 1
-            if backend.consecutive_failures >= self.config.outlier_detection.consecutive_failures:
-                self._maybe_eject(backend, now, error or f"status {status}")
-        else:
-            backend.consecutive_failures = 0
+        failures = backend.record(status, latency, error, now)
+        if failures and failures >= self.config.outlier_detection.consecutive_failures:
+            self._maybe_eject(backend, now, error or f"status {status}")
         if self._waiters:
             self._wake(1)
 

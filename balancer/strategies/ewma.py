@@ -1,7 +1,7 @@
 """Peak-EWMA, latency-aware (the idea of Finagle and linkerd): prefer backends that answer fast
 and have little in flight, judged by two random choices.
 
-Each backend's ``ewma`` is its peak-EWMA latency (``Backend.observe_latency``: jumps up to a
+Each backend's ``ewma`` is its peak-EWMA latency (``Backend.record``: jumps up to a
 slow sample at once, decays towards faster ones). For two candidates the pool computes
 
     cost = ewma × (1 + in_flight / weight) / weight
