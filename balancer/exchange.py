@@ -95,6 +95,18 @@ def public_detail(detail: str, backends: Any) -> str:
 
 
 
+#: The request head as the backends get it: request line, Host, the client's header lines
+#: (hop-by-hop ones dropped), the forwarding headers, X-Request-ID, Via and the framing lines.
+_HEAD = (b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n"
+         b"X-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n%s\r\n")
+#: The same without a Host (an HTTP/1.0 request may have none).
+_HEAD_NO_HOST = (b"%s %s HTTP/1.1\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n"
+                 b"X-Request-ID: %s\r\n%s\r\n")
+#: The answer's head: status line, the backend's header lines (hop-by-hop ones dropped),
+#: Via, X-Request-ID, then the lines that frame the answer for this client.
+_ANSWER = b"HTTP/1.1 %d %s\r\n%s%sX-Request-ID: %s\r\n%s\r\n"
+
+
 class ClientSide(Flow, Protocol):
     """What an Exchange needs of its client connection (``proxy.ClientConnection``): it reads
     these and calls these, and writes none of the connection's state."""
@@ -167,35 +179,29 @@ class Exchange(Forwarding):
         self._attempt()
 
     def _build_head(self) -> None:
-        """The request head the backends get (the same for every attempt)."""
+        """The request head the backends get (the same for every attempt): one formatting
+        operation, which costs half of building it from a list of parts."""
         conn = self.conn
-        settings = self.settings
         req = self.req
         lines = req.lines
         if req.named is not None:
             lines = drop_named(lines, req.named)
         ip = conn.client_addr
-        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
-        host = req.host_raw
-        if host is not None:
-            parts += (b"Host: ", host, b"\r\n")
-        parts += lines
-        parts += (b"X-Forwarded-For: ", ip if req.xff is None else req.xff + b", " + ip,
-                  b"\r\nX-Forwarded-Proto: ", conn.proto, b"\r\n")
-        if host is not None:
-            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
-        rid = self.rid
-        assert rid is not None
-        parts += (b"X-Request-ID: ", rid, b"\r\n",
-                  settings.via_request_10 if req.http10 else settings.via_request)
+        tail = self.settings.via_request_10 if req.http10 else self.settings.via_request
         if req.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            tail += b"Transfer-Encoding: chunked\r\n"
         if req.expect_continue:
-            parts.append(b"Expect: 100-continue\r\n")
+            tail += b"Expect: 100-continue\r\n"
         if req.websocket:
-            parts += (b"Connection: Upgrade\r\nUpgrade: ", req.upgrade, b"\r\n")  # type: ignore
-        parts.append(b"\r\n")
-        self.head = b"".join(parts)
+            tail += b"Connection: Upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"  # type: ignore
+        xff = ip if req.xff is None else req.xff + b", " + ip
+        host = req.host_raw
+        if host is None:
+            self.head = _HEAD_NO_HOST % (req.method, req.target, b"".join(lines), xff, conn.proto,
+                                         self.rid, tail)
+        else:
+            self.head = _HEAD % (req.method, req.target, host, b"".join(lines), xff, conn.proto,
+                                 host, self.rid, tail)
 
     # --- choosing a backend --------------------------------------------------------------
 
@@ -245,19 +251,15 @@ class Exchange(Forwarding):
             raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
         self.status = status
         self.t_head = now()
-        settings = self.settings
         close = not req.keep_alive or self.conn.closing or (req.websocket and status != 101)
-        parts = [status_line(status, head.reason)]
-        parts += head.lines
-        parts += (settings.via_response, b"X-Request-ID: ", self.rid, b"\r\n")  # type: ignore
         if status == 101:
             self.out_framing = O_NONE
-            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            framing = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
         else:
-            self.out_framing, close, lines = ANSWER_FRAMING[head.framing][req.http10][close]
-            parts += (lines, b"\r\n")
+            self.out_framing, close, framing = ANSWER_FRAMING[head.framing][req.http10][close]
         self.close = close
-        self.out.append(b"".join(parts))
+        self.out.append(_ANSWER % (status, head.reason, b"".join(head.lines),
+                                   self.settings.via_response, self.rid, framing))
         self.head_built = True
 
     def upstream_informational(self, head: ResponseHead) -> None:

@@ -35,6 +35,7 @@ from balancer.http1 import (
     ResponseHead,
     connection_tokens,
     drop_named,
+    whole_lines,
 )
 from balancer.tls import connect_options
 
@@ -265,9 +266,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink.upstream_head(head)  # type: ignore[union-attr]
             return
         if head.named is not None:  # they are hop-by-hop too
-            lines = head.lines
-            head.lines = drop_named([b"".join(lines[i:i + 4]) for i in range(0, len(lines), 4)],
-                                    head.named)
+            head.lines = drop_named(whole_lines(head.lines), head.named)
         if self.head_request or status == 204 or status == 304:
             head.framing = NO_BODY
         self.in_trailers = True

@@ -63,6 +63,7 @@ from balancer.http1.rules import (
     status_line,
     transfer_coding,
     valid_host,
+    whole_lines,
 )
 
 __all__ = ["ANSWER_FRAMING", "BodySink", "CHUNK_OVERHEAD", "CHUNKED", "LENGTH", "NO_BODY",
@@ -72,4 +73,5 @@ __all__ = ["ANSWER_FRAMING", "BodySink", "CHUNK_OVERHEAD", "CHUNKED", "LENGTH", 
            "REQUEST_HEADERS", "RESPONSE_HEADERS", "Reject", "RequestHead", "RequestParser",
            "ResponseHead",
            "RequestSink", "SettingsSource", "connection_tokens", "drop_named", "error_response",
+           "whole_lines",
            "host_of", "refusal", "status_line", "transfer_coding", "valid_host"]

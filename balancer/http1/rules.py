@@ -21,7 +21,7 @@ __all__ = ["ANSWER_FRAMING", "CHUNK_OVERHEAD", "CHUNKED", "LENGTH", "NO_BODY", "
            "PLAIN_CONNECTION", "PROTECTED", "REQUEST_HEADERS", "RESPONSE_HEADERS", "Reject",
            "RequestHead", "check_head", "check_target", "connection_tokens", "drop_named",
            "error_response", "host_of", "refusal", "status_line", "transfer_coding",
-           "valid_host"]
+           "valid_host", "whole_lines"]
 
 CHUNK_OVERHEAD = 64
 #: The largest Content-Length we forward: beyond, an int64 parser would wrap.
@@ -107,6 +107,12 @@ def connection_tokens(value: bytes, named: list[bytes] | None) -> list[bytes] | 
                 named = []
             named.append(token)
     return named
+
+
+def whole_lines(parts: list[bytes]) -> list[bytes]:
+    """Header lines kept as parts (name, ": ", value, CRLF: joined once, with the head)
+    or whole, as whole lines, each with its CRLF."""
+    return [line + b"\r\n" for line in b"".join(parts).split(b"\r\n")[:-1]]
 
 
 def drop_named(lines: list[bytes], named: list[bytes]) -> list[bytes]:
@@ -218,7 +224,7 @@ class RequestHead:
         self.method = self.url = b""
         self.target = self.path = b"/"
         self.headers: list[tuple[bytes, bytes]] = []
-        self.lines: list[bytes] = []  # header lines passed on as they are
+        self.lines: list[bytes] = []  # header lines passed on, or their parts: joined whole
         self.host = b""
         self.host_raw: bytes | None = None
         self.xff: bytes | None = None
