@@ -283,7 +283,7 @@ def synthetic_traffic(pool: PoolConfig, routes: Sequence[RouteConfig] = (),
     extra_cookie = key[1] if key and key[0] == "cookie" else None
     out = []
     for i in range(count):
-        if not i & 255:
+        if not i & 15:
             give_way()  # a reload checks in a worker thread (balancer/gil.py)
         n = rng.getrandbits(32)
         ip = (f"10.{n >> 24}.{(n >> 16) & 255}.{n & 255}" if i % 8
