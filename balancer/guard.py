@@ -300,7 +300,7 @@ def synthetic_traffic(pool: PoolConfig, routes: Sequence[RouteConfig] = (),
         cookie = f"session={session:x}; theme={'dark' if n & 1 else 'light'}"
         if extra_cookie:
             cookie += f"; {extra_cookie}={rng.getrandbits(40):x}"
-        headers = [
+        headers: tuple[tuple[bytes, bytes], ...] = (  # a tuple: the collector untracks it
             (b"host", host.encode()),
             (b"user-agent", f"client/{rng.randrange(40)}.{rng.randrange(10)}".encode()),
             (b"x-user-id", str(user).encode()),
@@ -308,9 +308,9 @@ def synthetic_traffic(pool: PoolConfig, routes: Sequence[RouteConfig] = (),
             (b"x-request-id", f"{rng.getrandbits(64):016x}".encode()),
             (b"authorization", f"Bearer t{rng.getrandbits(48):x}".encode()),
             (b"cookie", cookie.encode()),
-        ]
+        )
         if extra_header:
-            headers.append((extra_header.lower().encode(), f"v{rng.getrandbits(40):x}".encode()))
+            headers += ((extra_header.lower().encode(), f"v{rng.getrandbits(40):x}".encode()),)
         out.append(PickContext(client_ip=ip, path=path,
                                method="GET" if n % 5 else "POST", headers=headers))
     return out
