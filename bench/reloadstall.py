@@ -1,6 +1,6 @@
 """The event loop's longest stall while a reload rebuilds a 16-backend consistent_hash pool.
 
-    python bench/reloadstall.py [--src DIR ...] [--reloads N] [--connections C]
+    python bench/reloadstall.py [--src DIR ...] [--reloads N] [--connections C] [--rounds R]
 
 For each checkout (``--src``, default this one) a child interpreter runs the real ``App`` of
 that checkout's ``balancer`` package on uvloop, as ``balancer run`` does: one
@@ -10,8 +10,10 @@ on the proxy's loop sleeps 1 ms at a time and records how late it wakes: the lon
 the longest stretch in which the loop ran no request's callbacks. The probe's figure is taken
 over a quiet second of load first (the baseline), then over each reload — from the file
 change to ``reload()``'s return, plus 100 ms — which moves one backend's weight between 1 and
-2, so the table is rebuilt every time. Checkouts run one after the other on the same machine;
-every process stops by itself (time budget) and is stopped at the end.
+2, so the table is rebuilt every time. Checkouts run one after the other on the same machine,
+``--rounds`` times in turn (A B A B: a burst of other work disturbs both alike), each row with
+the machine's 1-minute load average before it (a quiet baseline above ~2 ms says the run was
+disturbed); every process stops by itself (time budget) and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ def main() -> None:
                     "(repeatable; default: this one)")
     ap.add_argument("--reloads", type=int, default=8)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each checkout, in turn")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -161,10 +164,11 @@ def main() -> None:
         return
     print(f"{BACKENDS}-backend consistent_hash pool, {args.connections} connections of load, "
           f"{args.reloads} reloads (a weight change each)")
-    print("| checkout | loop stall, quiet (ms) | loop stall per reload: median / worst (ms) "
-          "| reload() wall time, median (ms) | requests/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for src in args.src or [str(HERE.parent)]:
+    print("| checkout | load | loop stall, quiet (ms) | loop stall per reload: median / worst "
+          "(ms) | reload() wall time, median (ms) | requests/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for src in (args.src or [str(HERE.parent)]) * args.rounds:
+        load = os.getloadavg()[0]
         env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
         proc = subprocess.run([sys.executable, __file__, "--child", "--reloads",
                                str(args.reloads), "--connections", str(args.connections)],
@@ -174,8 +178,9 @@ def main() -> None:
             print(f"{src}: failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"| {src} | {r['baseline_ms']:.1f} | {statistics.median(r['stalls_ms']):.1f} / "
-              f"{max(r['stalls_ms']):.1f} | {statistics.median(r['reload_ms']):.0f} | "
+        print(f"| {src} | {load:.1f} | {r['baseline_ms']:.1f} | "
+              f"{statistics.median(r['stalls_ms']):.1f} / {max(r['stalls_ms']):.1f} | "
+              f"{statistics.median(r['reload_ms']):.0f} | "
               f"{r['rps']:,.0f} | {r['errors']} |", flush=True)
 
 
