@@ -10,7 +10,8 @@ on the proxy's loop sleeps 1 ms at a time and records how late it wakes: the lon
 the longest stretch in which the loop ran no request's callbacks. The probe's figure is taken
 over a quiet second of load first (the baseline), then over each reload — from the file
 change to ``reload()``'s return, plus 100 ms — which moves one backend's weight between 1 and
-2, so the table is rebuilt every time. Checkouts run one after the other on the same machine,
+2, so the table is rebuilt every time, and the longest garbage collection in that window (a
+collection stops every thread). Checkouts run one after the other on the same machine,
 ``--rounds`` times in turn (A B A B: a burst of other work disturbs both alike), each row with
 the machine's 1-minute load average before it (a quiet baseline above ~2 ms says the run was
 disturbed); every process stops by itself (time budget) and is stopped at the end.
@@ -59,6 +60,26 @@ def config_text(port: int, admin: int, backends: list[int], heavy: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Collections:
+    """The longest garbage collection (any thread: it stops them all) since the last ``reset``
+    (seconds), to tell a collection's stall from the rest."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.worst = max(self.worst, time.perf_counter() - self._start)
+
+    def reset(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+
 class Probe:
     """Sleeps ``PROBE`` at a time on the loop; ``worst`` is the longest lateness seen since
     the last ``reset`` (seconds)."""
@@ -103,7 +124,7 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             gc.collect()
             gc.freeze()
             gc.set_threshold(10_000, 20, 20)
-            probe = Probe()
+            probe, collections = Probe(), Collections()
             loop = asyncio.get_running_loop()
             probe_task = loop.create_task(probe.run())
             budget = 3.0 + reloads * 1.5
@@ -114,11 +135,12 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             probe.reset()
             await asyncio.sleep(1.0)
             baseline = probe.reset()
-            stalls, took = [], []
+            stalls, took, pauses = [], [], []
             for i in range(reloads):
                 path.write_text(config_text(port, admin, backends, heavy=i % BACKENDS),
                                 encoding="utf-8")
                 probe.reset()
+                collections.reset()
                 t0 = time.perf_counter()
                 result = await app.reload()
                 took.append(time.perf_counter() - t0)
@@ -126,6 +148,7 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
                     raise SystemExit(f"reload refused: {result.problems}")
                 await asyncio.sleep(0.1)
                 stalls.append(probe.reset())
+                pauses.append(collections.reset())
                 await asyncio.sleep(0.3)
             probe.running = False
             await probe_task
@@ -139,7 +162,8 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             backend.send_signal(signal.SIGTERM)
             backend.wait(10)
     return {"baseline_ms": baseline * 1000, "stalls_ms": [s * 1000 for s in stalls],
-            "reload_ms": [t * 1000 for t in took], "rps": traffic["rps"],
+            "reload_ms": [t * 1000 for t in took], "gc_ms": [p * 1000 for p in pauses],
+            "rps": traffic["rps"],
             "errors": traffic["errors"] + traffic["non2xx"]}
 
 
@@ -165,8 +189,9 @@ def main() -> None:
     print(f"{BACKENDS}-backend consistent_hash pool, {args.connections} connections of load, "
           f"{args.reloads} reloads (a weight change each)")
     print("| checkout | load | loop stall, quiet (ms) | loop stall per reload: median / worst "
-          "(ms) | reload() wall time, median (ms) | requests/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "(ms) | longest collection (ms) | reload() wall time, median (ms) | requests/s "
+          "| errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for src in (args.src or [str(HERE.parent)]) * args.rounds:
         load = os.getloadavg()[0]
         env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
@@ -180,7 +205,7 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"| {src} | {load:.1f} | {r['baseline_ms']:.1f} | "
               f"{statistics.median(r['stalls_ms']):.1f} / {max(r['stalls_ms']):.1f} | "
-              f"{statistics.median(r['reload_ms']):.0f} | "
+              f"{max(r['gc_ms']):.1f} | {statistics.median(r['reload_ms']):.0f} | "
               f"{r['rps']:,.0f} | {r['errors']} |", flush=True)
 
 
