@@ -65,7 +65,7 @@ class Collections:
     (seconds), to tell a collection's stall from the rest."""
 
     def __init__(self) -> None:
-        self.worst = 0.0
+        self.worst = (0.0, 0)  # (seconds, generation)
         self._start = 0.0
         gc.callbacks.append(self.callback)
 
@@ -73,10 +73,10 @@ class Collections:
         if phase == "start":
             self._start = time.perf_counter()
         else:
-            self.worst = max(self.worst, time.perf_counter() - self._start)
+            self.worst = max(self.worst, (time.perf_counter() - self._start, info["generation"]))
 
-    def reset(self) -> float:
-        worst, self.worst = self.worst, 0.0
+    def reset(self) -> tuple[float, int]:
+        worst, self.worst = self.worst, (0.0, 0)
         return worst
 
 
@@ -162,7 +162,7 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             backend.send_signal(signal.SIGTERM)
             backend.wait(10)
     return {"baseline_ms": baseline * 1000, "stalls_ms": [s * 1000 for s in stalls],
-            "reload_ms": [t * 1000 for t in took], "gc_ms": [p * 1000 for p in pauses],
+            "reload_ms": [t * 1000 for t in took], "gc_ms": [(p * 1000, g) for p, g in pauses],
             "rps": traffic["rps"],
             "errors": traffic["errors"] + traffic["non2xx"]}
 
@@ -189,8 +189,8 @@ def main() -> None:
     print(f"{BACKENDS}-backend consistent_hash pool, {args.connections} connections of load, "
           f"{args.reloads} reloads (a weight change each)")
     print("| checkout | load | loop stall, quiet (ms) | loop stall per reload: median / worst "
-          "(ms) | longest collection (ms) | reload() wall time, median (ms) | requests/s "
-          "| errors |")
+          "(ms) | longest collection (ms, generation) | reload() wall time, median (ms) "
+          "| requests/s | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for src in (args.src or [str(HERE.parent)]) * args.rounds:
         load = os.getloadavg()[0]
@@ -203,9 +203,10 @@ def main() -> None:
             print(f"{src}: failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        pause, generation = max(r["gc_ms"])
         print(f"| {src} | {load:.1f} | {r['baseline_ms']:.1f} | "
               f"{statistics.median(r['stalls_ms']):.1f} / {max(r['stalls_ms']):.1f} | "
-              f"{max(r['gc_ms']):.1f} | {statistics.median(r['reload_ms']):.0f} | "
+              f"{pause:.1f} (gen {generation}) | {statistics.median(r['reload_ms']):.0f} | "
               f"{r['rps']:,.0f} | {r['errors']} |", flush=True)
 
 
