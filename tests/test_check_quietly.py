@@ -79,11 +79,11 @@ def test_the_yaml_loader_refuses_what_safe_load_refuses_in_the_same_words(
     f.write_text(text)
     with pytest.raises(yaml.YAMLError) as expected:
         yaml.safe_load(text)
-    mark = expected.value.problem_mark  # type: ignore[attr-defined]
+    mark = expected.value.problem_mark
     with pytest.raises(ConfigError) as info:
         load_config(f)
     assert info.value.problems == [f"{f}: line {mark.line + 1}, column {mark.column + 1}: "
-                                   f"invalid YAML: {expected.value.problem}"]  # type: ignore
+                                   f"invalid YAML: {expected.value.problem}"]
 
 
 def test_a_config_parses_alike_in_a_worker_thread(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ class _Loader(yaml.SafeLoader):
 
     def fetch_more_tokens(self) -> None:
         give_way()
-        super().fetch_more_tokens()  # type: ignore[no-untyped-call]
+        super().fetch_more_tokens()
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         give_way()
