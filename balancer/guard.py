@@ -90,8 +90,18 @@ def evaluate(config: Config, *, resolve: bool = True) -> GuardReport:
 def _judge_pool(config: Config, pool: PoolConfig, routes: Sequence[RouteConfig],
                 servers: dict[str, object], report: GuardReport) -> list[str]:
     """Simulate one pool (filling its shares and worst failure in ``report``); its refusals."""
-    g = config.guard
     traffic = synthetic_traffic(pool, routes)
+    try:
+        return _judge_traffic(config, pool, routes, servers, report, traffic)
+    finally:
+        release(traffic)
+
+
+def _judge_traffic(config: Config, pool: PoolConfig, routes: Sequence[RouteConfig],
+                   servers: dict[str, object], report: GuardReport,
+                   traffic: Sequence[PickContext]) -> list[str]:
+    """``_judge_pool`` on its synthetic ``traffic``."""
+    g = config.guard
     shares, sequential = _worst_pass(pool, traffic)
     report.shares[pool.name] = shares
     if not any(shares.values()) and any(b.weight for b in pool.backends):
@@ -387,8 +397,20 @@ def simulated_top_share(config: Config, pool: PoolConfig) -> float:
     """The largest share any backend of ``pool`` takes on simulated traffic under ``config``'s
     routes (probation asks it of the previous config, with the backends that died removed)."""
     routes = _reaching_routes(config.routes).get(pool.name, [])
-    shares, _ = _worst_pass(pool, synthetic_traffic(pool, routes))
+    traffic = synthetic_traffic(pool, routes)
+    try:
+        shares, _ = _worst_pass(pool, traffic)
+    finally:
+        release(traffic)
     return max(shares.values(), default=0.0)
+
+
+def release(items: list[PickContext]) -> None:
+    """Free synthetic requests a few hundred at a time, giving way between (balancer/gil.py):
+    dropped at once, 6,000 of them took 2-4 ms to free, holding the GIL the loop waits for."""
+    while items:
+        del items[-256:]
+        give_way()
 
 
 # --------------------------------------------------------------------------- formatting
