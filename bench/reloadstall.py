@@ -10,11 +10,13 @@ on the proxy's loop sleeps 1 ms at a time and records how late it wakes: the lon
 the longest stretch in which the loop ran no request's callbacks. The probe's figure is taken
 over a quiet second of load first (the baseline), then over each reload — from the file
 change to ``reload()``'s return, plus 100 ms — which moves one backend's weight between 1 and
-2, so the table is rebuilt every time, and the longest garbage collection in that window (a
-collection stops every thread). Checkouts run one after the other on the same machine,
-``--rounds`` times in turn (A B A B: a burst of other work disturbs both alike), each row with
-the machine's 1-minute load average before it (a quiet baseline above ~2 ms says the run was
-disturbed); every process stops by itself (time budget) and is stopped at the end.
+2, so the table is rebuilt every time; with it, the longest garbage collection in that window
+(a collection stops every thread). After each reload the probe watches a window as long
+without one: the control, under the same load on the machine as it is at that moment.
+Checkouts run one after the other on the same machine, ``--rounds`` times in turn (A B A B: a
+burst of other work disturbs both alike), each row with the machine's 1-minute load average
+before it (a quiet baseline above ~2 ms says the run was disturbed); every process stops by
+itself (time budget) and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             probe, collections = Probe(), Collections()
             loop = asyncio.get_running_loop()
             probe_task = loop.create_task(probe.run())
-            budget = 3.0 + reloads * 1.5
+            budget = 3.0 + reloads * 5.0
             load = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "pyload.py"), f"http://127.0.0.1:{port}/",
                 "-c", str(connections), "-d", str(budget), stdout=subprocess.PIPE)
@@ -135,7 +137,7 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             probe.reset()
             await asyncio.sleep(1.0)
             baseline = probe.reset()
-            stalls, took, pauses = [], [], []
+            stalls, took, pauses, quiet = [], [], [], []
             for i in range(reloads):
                 path.write_text(config_text(port, admin, backends, heavy=i % BACKENDS),
                                 encoding="utf-8")
@@ -150,6 +152,10 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
                 stalls.append(probe.reset())
                 pauses.append(collections.reset())
                 await asyncio.sleep(0.3)
+                # The control: a window as long, without a reload, under the same load.
+                probe.reset()
+                await asyncio.sleep(took[-1] + 0.1)
+                quiet.append(probe.reset())
             probe.running = False
             await probe_task
             out, _ = await asyncio.wait_for(load.communicate(), budget + 10)
@@ -162,6 +168,7 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             backend.send_signal(signal.SIGTERM)
             backend.wait(10)
     return {"baseline_ms": baseline * 1000, "stalls_ms": [s * 1000 for s in stalls],
+            "quiet_ms": [q * 1000 for q in quiet],
             "reload_ms": [t * 1000 for t in took], "gc_ms": [(p * 1000, g) for p, g in pauses],
             "rps": traffic["rps"],
             "errors": traffic["errors"] + traffic["non2xx"]}
@@ -189,9 +196,9 @@ def main() -> None:
     print(f"{BACKENDS}-backend consistent_hash pool, {args.connections} connections of load, "
           f"{args.reloads} reloads (a weight change each)")
     print("| checkout | load | loop stall, quiet (ms) | loop stall per reload: median / worst "
-          "(ms) | longest collection (ms, generation) | reload() wall time, median (ms) "
-          "| requests/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "(ms) | the same in as long a window without a reload | longest collection (ms, "
+          "generation) | reload() wall time, median (ms) | requests/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for src in (args.src or [str(HERE.parent)]) * args.rounds:
         load = os.getloadavg()[0]
         env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
@@ -206,6 +213,7 @@ def main() -> None:
         pause, generation = max(r["gc_ms"])
         print(f"| {src} | {load:.1f} | {r['baseline_ms']:.1f} | "
               f"{statistics.median(r['stalls_ms']):.1f} / {max(r['stalls_ms']):.1f} | "
+              f"{statistics.median(r['quiet_ms']):.1f} / {max(r['quiet_ms']):.1f} | "
               f"{pause:.1f} (gen {generation}) | {statistics.median(r['reload_ms']):.0f} | "
               f"{r['rps']:,.0f} | {r['errors']} |", flush=True)
 
