@@ -7,9 +7,9 @@ for each of its wake-ups: requests stalled 10-30 ms a reload (bench/reloadstall.
 loops call ``give_way`` often (every few dozen iterations: a clock read when it is not yet
 time); once ``SLICE`` of work has passed since the thread last stepped aside, it blocks for
 ``PAUSE``, long enough for a waiting loop to take the GIL (a zero sleep releases it but takes
-it straight back before the loop's thread has woken). Time, not a count of iterations, decides,
-so a stretch is bounded however slow an iteration is (a plug-in strategy, a busy machine). In
-the main thread (``balancer check``, replay) it does nothing.
+it straight back before the loop's thread has woken) and to get a CPU. Time, not a count of
+iterations, decides, so a stretch is bounded however slow an iteration is (a plug-in strategy,
+a busy machine). In the main thread (``balancer check``, replay) it does nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import threading
 import time
 
 _MAIN = threading.main_thread()
-#: How long a worker thread steps aside (seconds).
-PAUSE = 0.0001
+#: How long a worker thread steps aside (seconds): as long as a slice, so a check takes at
+#: most half a core. With 0.1 ms it took nearly a whole one, and on two busy cores (the load,
+#: the backends) the loop's thread then waited for a CPU, not for the GIL: reloads under load
+#: stalled it 4.5-5 ms median, 9-18 ms worst; with 0.5 ms, 2.5-4 / 4-6 (bench/reloadstall.py).
+PAUSE = 0.0005
 #: The most a worker thread computes between two steps aside (seconds): the longest a
 #: waiting event loop waits for the GIL, on top of a garbage collection under way.
 SLICE = 0.0005
