@@ -4,10 +4,12 @@ A reload checks its config (the guard's simulation) and builds hash tables in a 
 while the event loop serves requests. Pure Python that never blocks keeps the GIL until the
 interpreter's switch interval (5 ms) forces it out, and only then does the loop get it back,
 for each of its wake-ups: requests stalled 10-30 ms a reload (bench/reloadstall.py). The long
-loops call ``give_way`` every fraction of a millisecond of work instead: in a worker thread it
-blocks for 0.1 ms, long enough for a waiting loop to take the GIL (a zero sleep releases it
-but takes it straight back before the loop's thread has woken). In the main thread (``balancer
-check``) it does nothing.
+loops call ``give_way`` often (every few dozen iterations: a clock read when it is not yet
+time); once ``SLICE`` of work has passed since the thread last stepped aside, it blocks for
+``PAUSE``, long enough for a waiting loop to take the GIL (a zero sleep releases it but takes
+it straight back before the loop's thread has woken) and to get a CPU. Time, not a count of
+iterations, decides, so a stretch is bounded however slow an iteration is (a plug-in strategy,
+a busy machine). In the main thread (``balancer check``, replay) it does nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +18,32 @@ import threading
 import time
 
 _MAIN = threading.main_thread()
-#: How long a worker thread steps aside (seconds).
-PAUSE = 0.0001
+#: How long a worker thread steps aside (seconds): as long as a slice, so a check takes at
+#: most half a core. With 0.1 ms it took nearly a whole one, and on two busy cores (the load,
+#: the backends) the loop's thread then waited for a CPU, not for the GIL: reloads under load
+#: stalled it 4.5-5 ms median, 9-18 ms worst; with 0.5 ms, 2.5-4 / 4-6 (bench/reloadstall.py).
+PAUSE = 0.0005
+#: The most a worker thread computes between two steps aside (seconds): the longest a
+#: waiting event loop waits for the GIL, on top of a garbage collection under way.
+SLICE = 0.0005
+
+_perf_counter = time.perf_counter
+
+
+class _Due(threading.local):
+    at = 0.0  # perf_counter time of this thread's next step aside
+
+
+_due = _Due()
 
 
 def give_way() -> None:
-    """Let a waiting event loop run, when called from a worker thread."""
-    if threading.current_thread() is not _MAIN:
-        time.sleep(PAUSE)
+    """Let a waiting event loop run, when called from a worker thread that has computed for
+    ``SLICE`` since it last did."""
+    if _perf_counter() < _due.at:
+        return
+    if threading.current_thread() is _MAIN:
+        _due.at = float("inf")  # never again in this thread
+        return
+    time.sleep(PAUSE)
+    _due.at = _perf_counter() + SLICE

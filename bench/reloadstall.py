@@ -1,6 +1,6 @@
 """The event loop's longest stall while a reload rebuilds a 16-backend consistent_hash pool.
 
-    python bench/reloadstall.py [--src DIR ...] [--reloads N] [--connections C]
+    python bench/reloadstall.py [--src DIR ...] [--reloads N] [--connections C] [--rounds R]
 
 For each checkout (``--src``, default this one) a child interpreter runs the real ``App`` of
 that checkout's ``balancer`` package on uvloop, as ``balancer run`` does: one
@@ -10,8 +10,13 @@ on the proxy's loop sleeps 1 ms at a time and records how late it wakes: the lon
 the longest stretch in which the loop ran no request's callbacks. The probe's figure is taken
 over a quiet second of load first (the baseline), then over each reload — from the file
 change to ``reload()``'s return, plus 100 ms — which moves one backend's weight between 1 and
-2, so the table is rebuilt every time. Checkouts run one after the other on the same machine;
-every process stops by itself (time budget) and is stopped at the end.
+2, so the table is rebuilt every time; with it, the longest garbage collection in that window
+(a collection stops every thread). After each reload the probe watches a window as long
+without one: the control, under the same load on the machine as it is at that moment.
+Checkouts run one after the other on the same machine, ``--rounds`` times in turn (A B A B: a
+burst of other work disturbs both alike), each row with the machine's 1-minute load average
+before it (a quiet baseline above ~2 ms says the run was disturbed); every process stops by
+itself (time budget) and is stopped at the end.
 """
 
 from __future__ import annotations
@@ -55,6 +60,26 @@ def config_text(port: int, admin: int, backends: list[int], heavy: int) -> str:
         weight = 2 if i == heavy else 1
         lines.append(f'      - {{name: b{i}, url: "http://127.0.0.1:{p}", weight: {weight}}}')
     return "\n".join(lines) + "\n"
+
+
+class Collections:
+    """The longest garbage collection (any thread: it stops them all) since the last ``reset``
+    (seconds), to tell a collection's stall from the rest."""
+
+    def __init__(self) -> None:
+        self.worst = (0.0, 0)  # (seconds, generation)
+        self._start = 0.0
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.worst = max(self.worst, (time.perf_counter() - self._start, info["generation"]))
+
+    def reset(self) -> tuple[float, int]:
+        worst, self.worst = self.worst, (0.0, 0)
+        return worst
 
 
 class Probe:
@@ -101,10 +126,10 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             gc.collect()
             gc.freeze()
             gc.set_threshold(10_000, 20, 20)
-            probe = Probe()
+            probe, collections = Probe(), Collections()
             loop = asyncio.get_running_loop()
             probe_task = loop.create_task(probe.run())
-            budget = 3.0 + reloads * 1.5
+            budget = 3.0 + reloads * 5.0
             load = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "pyload.py"), f"http://127.0.0.1:{port}/",
                 "-c", str(connections), "-d", str(budget), stdout=subprocess.PIPE)
@@ -112,11 +137,12 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             probe.reset()
             await asyncio.sleep(1.0)
             baseline = probe.reset()
-            stalls, took = [], []
+            stalls, took, pauses, quiet = [], [], [], []
             for i in range(reloads):
                 path.write_text(config_text(port, admin, backends, heavy=i % BACKENDS),
                                 encoding="utf-8")
                 probe.reset()
+                collections.reset()
                 t0 = time.perf_counter()
                 result = await app.reload()
                 took.append(time.perf_counter() - t0)
@@ -124,7 +150,12 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
                     raise SystemExit(f"reload refused: {result.problems}")
                 await asyncio.sleep(0.1)
                 stalls.append(probe.reset())
+                pauses.append(collections.reset())
                 await asyncio.sleep(0.3)
+                # The control: a window as long, without a reload, under the same load.
+                probe.reset()
+                await asyncio.sleep(took[-1] + 0.1)
+                quiet.append(probe.reset())
             probe.running = False
             await probe_task
             out, _ = await asyncio.wait_for(load.communicate(), budget + 10)
@@ -137,7 +168,9 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             backend.send_signal(signal.SIGTERM)
             backend.wait(10)
     return {"baseline_ms": baseline * 1000, "stalls_ms": [s * 1000 for s in stalls],
-            "reload_ms": [t * 1000 for t in took], "rps": traffic["rps"],
+            "quiet_ms": [q * 1000 for q in quiet],
+            "reload_ms": [t * 1000 for t in took], "gc_ms": [(p * 1000, g) for p, g in pauses],
+            "rps": traffic["rps"],
             "errors": traffic["errors"] + traffic["non2xx"]}
 
 
@@ -154,6 +187,7 @@ def main() -> None:
                     "(repeatable; default: this one)")
     ap.add_argument("--reloads", type=int, default=8)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each checkout, in turn")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -161,10 +195,12 @@ def main() -> None:
         return
     print(f"{BACKENDS}-backend consistent_hash pool, {args.connections} connections of load, "
           f"{args.reloads} reloads (a weight change each)")
-    print("| checkout | loop stall, quiet (ms) | loop stall per reload: median / worst (ms) "
-          "| reload() wall time, median (ms) | requests/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for src in args.src or [str(HERE.parent)]:
+    print("| checkout | load | loop stall, quiet (ms) | loop stall per reload: median / worst "
+          "(ms) | the same in as long a window without a reload | longest collection (ms, "
+          "generation) | reload() wall time, median (ms) | requests/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for src in (args.src or [str(HERE.parent)]) * args.rounds:
+        load = os.getloadavg()[0]
         env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
         proc = subprocess.run([sys.executable, __file__, "--child", "--reloads",
                                str(args.reloads), "--connections", str(args.connections)],
@@ -174,8 +210,11 @@ def main() -> None:
             print(f"{src}: failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"| {src} | {r['baseline_ms']:.1f} | {statistics.median(r['stalls_ms']):.1f} / "
-              f"{max(r['stalls_ms']):.1f} | {statistics.median(r['reload_ms']):.0f} | "
+        pause, generation = max(r["gc_ms"])
+        print(f"| {src} | {load:.1f} | {r['baseline_ms']:.1f} | "
+              f"{statistics.median(r['stalls_ms']):.1f} / {max(r['stalls_ms']):.1f} | "
+              f"{statistics.median(r['quiet_ms']):.1f} / {max(r['quiet_ms']):.1f} | "
+              f"{pause:.1f} (gen {generation}) | {statistics.median(r['reload_ms']):.0f} | "
               f"{r['rps']:,.0f} | {r['errors']} |", flush=True)
 
 

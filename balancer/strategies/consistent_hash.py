@@ -84,7 +84,7 @@ def build_table(identities: Sequence[str], weights: Sequence[int],
     for k, (ident, w) in enumerate(zip(identities, weights)):
         draw = random.Random(stable_hash(ident)).random
         for s in range(size):
-            if not s & 1023:
+            if not s & 127:
                 give_way()  # built in a worker thread during a reload (balancer/gil.py)
             score = -log(1.0 - draw()) / w
             if score < second[s]:
