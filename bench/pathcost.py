@@ -4,6 +4,10 @@
     python bench/pathcost.py --src DIR [--src DIR]  # other checkouts' balancer/, interleaved
     python bench/pathcost.py --case hashed          # consistent_hash on a header the access
                                                     # log records (a keyed digest per line)
+    python bench/pathcost.py --instructions [--src DIR --src DIR]
+                                                    # machine instructions per request, counted
+                                                    # by valgrind: the same to ~0.1% from run to
+                                                    # run, on a loaded machine too
 
 A socket benchmark (run.py) on this shared 2-core VM moves by ±10–20% between rounds, more
 than most single changes to the request path are worth. This drives the real objects of
@@ -20,7 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,7 +124,12 @@ async def measure(config: str, requests: int, reps: int, request: bytes = REQUES
     return best
 
 
-def child(src: str, requests: int, reps: int, case: str = "plain") -> None:
+def child(src: str, requests: int, reps: int, case: str = "plain",
+          counted: bool = False) -> None:
+    if counted:
+        # Under valgrind a request takes ~50x as long: a clock that advances 28 us a call keeps
+        # the access log's once-a-millisecond timestamp as cheap as at full speed.
+        time.time = itertools.count(1.78e9, 28e-6).__next__
     sys.path.insert(0, src)
     import uvloop
 
@@ -150,12 +162,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runs per source")
     ap.add_argument("--case", choices=("plain", "hashed"), default="plain",
                     help="plain: round robin (default); hashed: consistent_hash on a header")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions per request under valgrind (cachegrind) instead:"
+                         " the difference between runs of 500 and 2,500 requests")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--counted", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.requests, args.reps, args.case)
+        child(args.child, args.requests, args.reps, args.case, args.counted)
         return
     srcs = [os.path.abspath(s) for s in (args.src or [str(HERE.parent)])]
+    if args.instructions:
+        counted = {src: instructions(src, args.case) for src in srcs}
+        for src, per in counted.items():
+            print(f"{per:9,d} instructions/request  {per / counted[srcs[0]]:.3f} of the first"
+                  f"  {src}")
+        return
     results: dict[str, list[float]] = {s: [] for s in srcs}
     for _ in range(args.rounds):
         for src in srcs:
@@ -171,6 +193,26 @@ def main() -> None:
         best = min(values)
         print(f"{best:6.2f} µs/request of Python (runs: {', '.join(f'{v:.2f}' for v in values)})"
               f"  {best / first:.3f} of the first  {src}")
+
+
+def instructions(src: str, case: str) -> int:
+    """Instructions per request of ``src``'s request path (no gc.freeze noise: one batch)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench/pathcost.py: --instructions needs valgrind (apt-get install "
+                         "valgrind)")
+    counts = []
+    for n in (500, 2500):
+        done = subprocess.run(
+            ["valgrind", "--tool=cachegrind", "--cache-sim=no",
+             "--cachegrind-out-file=/dev/null", sys.executable, __file__, "--child", src,
+             "--requests", str(n), "--reps", "1", "--case", case, "--counted"],
+            capture_output=True, text=True, cwd=src, timeout=900, check=False,
+            env={**os.environ, "PYTHONHASHSEED": "0"})
+        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if done.returncode != 0 or found is None:
+            raise SystemExit(f"{src}: {(done.stderr or done.stdout).strip()[-800:]}")
+        counts.append(int(found.group(1).replace(",", "")))
+    return (counts[1] - counts[0]) // 2000
 
 
 if __name__ == "__main__":
