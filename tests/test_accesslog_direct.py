@@ -13,25 +13,14 @@ import pytest
 
 from balancer import accesslog
 from balancer.accesslog import LOGGER, AccessLogHandler
+from tests.support.accesslog import batched_access_log
 
 
 @pytest.fixture
 def access() -> Iterator[tuple[AccessLogHandler, io.StringIO]]:
     """The access logger as ``logs.setup_logging`` leaves it, restored afterwards."""
-    saved = (LOGGER.handlers[:], LOGGER.filters[:], LOGGER.propagate, LOGGER.level)
-    stream = io.StringIO()
-    handler = AccessLogHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    LOGGER.handlers[:] = [handler]
-    LOGGER.filters[:] = []
-    LOGGER.propagate = False
-    LOGGER.setLevel(logging.INFO)
-    try:
-        yield handler, stream
-    finally:
-        handler.close()
-        LOGGER.handlers[:], LOGGER.filters[:], LOGGER.propagate, _ = saved
-        LOGGER.setLevel(saved[3])
+    with batched_access_log() as logged:
+        yield logged
 
 
 def write(n: int) -> None:

@@ -5,7 +5,6 @@ verdict as its settings change, a one-label KeyRecorder's cached fragment, and t
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -15,28 +14,18 @@ from collections.abc import Iterator
 import pytest
 
 from balancer import accesslog
-from balancer.accesslog import LOGGER, AccessLogHandler, KeyRecorder
+from balancer.accesslog import AccessLogHandler, KeyRecorder
 from balancer.backend import EWMA_DECAY, LATENCY_BUCKETS, Backend
 from balancer.config import parse_config
 from balancer.strategies import PickContext
+from tests.support.accesslog import batched_access_log
 
 
 @pytest.fixture
 def handler() -> Iterator[AccessLogHandler]:
     """The access logger as ``logs.setup_logging`` leaves it, restored afterwards."""
-    saved = (LOGGER.handlers[:], LOGGER.filters[:], LOGGER.propagate, LOGGER.level)
-    handler = AccessLogHandler(io.StringIO())
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    LOGGER.handlers[:] = [handler]
-    LOGGER.filters[:] = []
-    LOGGER.propagate = False
-    LOGGER.setLevel(logging.INFO)
-    try:
+    with batched_access_log() as (handler, _):
         yield handler
-    finally:
-        handler.close()
-        LOGGER.handlers[:], LOGGER.filters[:], LOGGER.propagate, _ = saved
-        LOGGER.setLevel(saved[3])
 
 
 def stamp_of(now: float) -> str:
