@@ -5,7 +5,8 @@ Only pools with ``health_check`` configured are probed. Each backend gets its ow
 not probe in lockstep), on a fixed-rate schedule so that a slow probe does not stretch the time a
 dead backend stays in rotation. A backend leaves rotation after ``unhealthy_threshold``
 consecutive failures and returns after ``healthy_threshold`` consecutive successes; each
-transition is logged once, with the reason (``timeout``, ``refused``, ``status 500``…).
+transition is logged once, with the reason (``timeout``, ``refused``, ``status 500``…). An
+``https://`` backend is probed with its pool's ``backend_tls``, as the proxy connects to it.
 
 The checker writes ``backend.healthy`` / ``backend.health_reason`` and calls
 ``pool.state_changed()``; it owns nothing else. Probe state lives with the checker, keyed by the
@@ -27,6 +28,7 @@ from balancer.appview import AppView
 from balancer.backend import Backend
 from balancer.config import HealthCheckConfig
 from balancer.pool import Pool
+from balancer.tls import connect_options
 
 log = logging.getLogger("balancer.health")
 
@@ -170,9 +172,14 @@ class HealthChecker:
         """One probe: (passed, reason). Never raises for a backend's failure."""
         assert self._session is not None, "HealthChecker.start() was not called"
         url = f"{backend.url}{hc.path}"
+        # An https:// backend is probed as the proxy reaches it: the pool's backend_tls (its
+        # CA, verify, the name sent and checked), not the system's defaults, or a backend
+        # behind a private CA would fail every probe and leave rotation.
+        tls = connect_options(backend.config)
         try:
             async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=hc.timeout),
-                                         allow_redirects=False) as resp:
+                                         allow_redirects=False, ssl=tls.get("ssl", True),
+                                         server_hostname=tls.get("server_hostname")) as resp:
                 await resp.read()
                 status = resp.status
         except asyncio.CancelledError:

@@ -322,6 +322,44 @@ async def test_https_backends_are_verified(certs: dict[str, Any],
     assert "NOT verified (verify: false)" in caplog.text
 
 
+async def test_https_backends_are_probed_with_the_pools_backend_tls(
+        certs: dict[str, Any], tmp_path: Path) -> None:
+    """Health probes trust what the pool's ``backend_tls`` trusts and check the name it names.
+    With the system's defaults, every probe of a backend behind a private CA failed and took
+    it out of rotation: the whole pool down, a 503 for every client."""
+    ca = str(certs["ca"].cert)
+    hc = {"path": "/", "interval": 0.2, "timeout": 2, "healthy_threshold": 1,
+          "unhealthy_threshold": 1}
+
+    def https(*named: tuple[str, int]) -> list[dict[str, str]]:
+        return [{"url": f"https://127.0.0.1:{port}", "name": name} for name, port in named]
+
+    async with https_backend(certs["named"], "a") as a, https_backend(certs["named"], "b") as b, \
+            https_backend(certs["untrusted"], "x") as x, \
+            https_backend(certs["untrusted"], "y") as y:
+        port = free_port()
+        config = write_config(tmp_path / "probed.yaml", {
+            "listen": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{free_port()}",
+            "pools": {
+                "web": {"backends": https(("a", a), ("b", b)), "health_check": hc,
+                        "backend_tls": {"ca": ca, "server_name": "api.internal"}},
+                "bad": {"backends": https(("x", x), ("y", y)), "health_check": hc,
+                        "backend_tls": {"ca": ca}}},
+            "routes": [{"host": "bad.test", "pool": "bad"}, {"pool": "web"}]})
+        async with BalancerProcess(config) as proc:
+            # The probes verify: a certificate the pool's CA did not sign takes its backend out.
+            await proc.wait_for(r"pool bad: backend [xy] is DOWN: .*certificate verify failed")
+            await asyncio.sleep(1.0)  # five probe intervals for pool web
+            served = []
+            async with aiohttp.ClientSession() as s:
+                for _ in range(10):
+                    async with s.get(f"http://127.0.0.1:{port}/") as r:
+                        assert r.status == 200, await r.text()
+                        served.append(await r.text())
+        assert sorted(set(served)) == ["a", "b"]
+        assert "pool web: backend" not in proc.log, proc.log  # never DOWN
+
+
 # --------------------------------------------------------------------------- the admin door
 
 
