@@ -7,8 +7,9 @@ costly — the strategies' tables and cycles (``Pool.prepare``) and the TLS cont
 so the event loop never runs a request against half of it). A server that stays keeps its
 Backend object (health, counters, pooled connections), a pool that stays keeps its Pool
 object; a removed backend drains and ``retire`` closes its upstream connections once its last
-request is done. A kept backend whose ``backend_tls`` changed gets a new connection pool, and
-the old one is retired the same way, so the next connection uses the new settings.
+request is done. A kept backend whose ``backend_tls`` changed, or whose CA file was renewed in
+place, gets a new connection pool, and the old one is retired the same way, so the next
+connection uses the new settings.
 
 Nothing ``prepare`` hands over can go stale: it reads no live object, and each prepared build
 names the (url, weight) members it was made for; a strategy given a build made for other
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from balancer.backend import Backend, backend_key
-from balancer.config import Config
+from balancer.config import BackendConfig, Config
 from balancer.pool import Pool, PreparedPool
 from balancer.tls import TlsError, connect_options
 
@@ -86,7 +87,8 @@ class Fleet:
                 if backend is None:
                     backend = Backend(backend_cfg, name, pool_cfg.max_connections)
                 else:
-                    tls_changed = backend.config.tls != backend_cfg.tls
+                    tls_changed = (backend.config.tls != backend_cfg.tls
+                                   or _ca_renewed(backend, backend_cfg))
                     backend.reconfigure(backend_cfg, pool_cfg.max_connections)
                     if tls_changed:
                         self._renew_connections(backend)
@@ -154,3 +156,16 @@ async def close_connections(conns: Any, url: str) -> None:
             await conns.close()
         except Exception:
             log.exception("closing connections to %s failed", url)
+
+
+def _ca_renewed(backend: Backend, config: BackendConfig) -> bool:
+    """The CA file of an unchanged ``backend_tls`` was renewed in place (same name, new
+    content): its connections are made with a context of the old file."""
+    conns: Any = backend.connections
+    if conns is None or config.scheme != "https":
+        return False
+    try:
+        return conns.ssl_context is not connect_options(config).get("ssl")
+    except TlsError:  # unreadable now: keep what works, the check said why
+        return False
+

@@ -19,6 +19,7 @@ that does not belong to its certificate, becomes one line naming the file.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -143,18 +144,33 @@ def _reason(exc: ssl.SSLError) -> str:
     return str(exc.args[1] if len(exc.args) > 1 else exc)
 
 
-_backend_contexts: dict[BackendTlsConfig, ssl.SSLContext] = {}
+_backend_contexts: dict[tuple[BackendTlsConfig, tuple[int, int, int] | None],
+                        ssl.SSLContext] = {}
+
+
+def _stamp(path: str | None) -> tuple[int, int, int] | None:
+    """Which version of a CA file this is (inode, size, mtime): a CA bundle renewed in place
+    under the same name is a new setting, loaded on the next reload."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def backend_context(tls: BackendTlsConfig, label: str = "") -> ssl.SSLContext:
-    """One client context per distinct ``backend_tls`` (shared by the backends that use it:
-    OpenSSL loads a CA bundle once, and sessions can be resumed across them)."""
-    ctx = _backend_contexts.get(tls)
+    """One client context per distinct ``backend_tls`` and version of its CA file (shared by
+    the backends that use it: OpenSSL loads a CA bundle once, and sessions can be resumed
+    across them)."""
+    key = (tls, _stamp(tls.ca))
+    ctx = _backend_contexts.get(key)
     if ctx is None:
         ctx = client_context(tls.ca, tls.verify, label)
         if len(_backend_contexts) > 256:  # configs come and go on reloads
             _backend_contexts.clear()
-        _backend_contexts[tls] = ctx
+        _backend_contexts[key] = ctx
     return ctx
 
 

@@ -331,6 +331,12 @@ class UpstreamPool:
         self._ssl: ssl.SSLContext | None = tls.get("ssl")
         self._sni: str | None = tls.get("server_hostname")
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """What its new connections are made with (``https://`` backends), from
+        ``backend_tls`` when the pool was made."""
+        return self._ssl
+
     def get(self) -> UpstreamConnection | None:
         """The most recently used idle connection still open, or None."""
         idle = self.idle

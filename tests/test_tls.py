@@ -271,9 +271,15 @@ async def test_a_renewed_certificate_is_served_after_sighup(certs: dict[str, Any
 
 
 @asynccontextmanager
-async def https_backend(pair: Pair, name: str = "secure") -> AsyncIterator[int]:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(pair.cert), str(pair.key))
+async def https_backend(pair: Pair | ssl.SSLContext, name: str = "secure"
+                        ) -> AsyncIterator[int]:
+    """An https backend answering its name, with ``pair``'s certificate (or a context the
+    test keeps, to renew the certificate while it runs)."""
+    if isinstance(pair, ssl.SSLContext):
+        ctx = pair
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(pair.cert), str(pair.key))
     runner = web.AppRunner(name_app(name), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
