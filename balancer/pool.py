@@ -151,7 +151,21 @@ class Pool:
         primaries = bool(self._primary_up or self.panic)
         if primaries:
             panic = self.panic
-            for b in self.strategy.candidates(ctx):
+            strategy = self.strategy
+            rest: Iterable[Backend]
+            if strategy.split:  # the first choice without a generator (round robin)
+                first = strategy.first(ctx)
+                rest = ()
+                if first >= 0:
+                    b = strategy.backends[first]
+                    if (panic or b.available(now)) and b not in exclude:
+                        if not b.full:
+                            return b
+                        overloaded = True
+                    rest = strategy.after(first, ctx)
+            else:
+                rest = strategy.candidates(ctx)
+            for b in rest:
                 if (panic or b.available(now)) and b not in exclude:
                     if not b.full:
                         return b

@@ -98,6 +98,9 @@ class Strategy:
     name: ClassVar[str] = ""
     #: Option names this strategy accepts (anything else is a config error).
     options_allowed: ClassVar[frozenset[str]] = frozenset()
+    #: ``first`` and ``after`` say what ``candidates`` yields, without a generator for the
+    #: first choice, which is the only one most requests need (round robin).
+    split: ClassVar[bool] = False
 
     def __init__(self, backends: Sequence[Backend], options: Mapping[str, Any],
                  rng: random.Random, prepared: Prepared | None = None) -> None:
@@ -140,6 +143,14 @@ class Strategy:
         """Problems with ``options``, one ``"key: message"`` line each; empty when fine."""
         return [f"{k}: unknown option for strategy {cls.name or cls.__name__}"
                 for k in options if k not in cls.options_allowed]
+
+    def first(self, ctx: PickContext) -> int:
+        """With ``split``: the index in ``backends`` of the first candidate (-1: none)."""
+        raise NotImplementedError
+
+    def after(self, first: int, ctx: PickContext) -> Iterator[Backend]:
+        """With ``split``: the candidates after ``backends[first]``, in preference order."""
+        raise NotImplementedError
 
     def candidates(self, ctx: PickContext) -> Iterator[Backend]:
         """Backends in preference order, each at most once; the pool takes the first ready."""

@@ -22,10 +22,17 @@ class RoundRobin(WeightedStrategy):
     name = "round_robin"
 
     cycled = True
+    split = True
+
+    def first(self, ctx: PickContext) -> int:
+        return self.cycle.next() if self.backends else -1
+
+    def after(self, first: int, ctx: PickContext) -> Iterator[Backend]:
+        return self.others(first)
 
     def candidates(self, ctx: PickContext) -> Iterator[Backend]:
-        if not self.backends:
+        first = self.first(ctx)
+        if first < 0:
             return
-        first = self.cycle.next()
         yield self.backends[first]
         yield from self.others(first)
