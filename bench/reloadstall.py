@@ -104,8 +104,21 @@ class Probe:
                 self.worst = late
 
 
-async def measure(reloads: int, connections: int) -> dict[str, Any]:
+async def measure(reloads: int, connections: int, pin: bool = False) -> dict[str, Any]:
     from balancer.app import App  # the checkout on PYTHONPATH
+
+    # --pin: the proxy (its loop and its reload thread) on the first CPU, the backends and the
+    # load on the second, as run.py pins: what is left is the proxy's own stalls, not the
+    # scheduler's (on 2 shared cores the control windows alone reach 20 ms unpinned).
+    cpus = sorted(os.sched_getaffinity(0))
+    other = None
+    if pin and len(cpus) >= 2:
+        other = {cpus[1]}
+        os.sched_setaffinity(0, {cpus[0]})
+
+    def elsewhere() -> None:
+        if other is not None:
+            os.sched_setaffinity(0, other)
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     ports = free_ports(BACKENDS + 2)
@@ -114,7 +127,8 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
         path = Path(tmp) / "balancer.yaml"
         path.write_text(config_text(port, admin, backends, heavy=-1), encoding="utf-8")
         backend = subprocess.Popen([sys.executable, str(HERE / "fastbackend.py"),
-                                    *map(str, backends)], stdout=subprocess.PIPE)
+                                    *map(str, backends)], stdout=subprocess.PIPE,
+                                   preexec_fn=elsewhere)
         load: asyncio.subprocess.Process | None = None
         app = None
         try:
@@ -132,7 +146,8 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
             budget = 3.0 + reloads * 5.0
             load = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "pyload.py"), f"http://127.0.0.1:{port}/",
-                "-c", str(connections), "-d", str(budget), stdout=subprocess.PIPE)
+                "-c", str(connections), "-d", str(budget), stdout=subprocess.PIPE,
+                preexec_fn=elsewhere)
             await asyncio.sleep(1.0)  # connections open, pools warm
             probe.reset()
             await asyncio.sleep(1.0)
@@ -177,7 +192,7 @@ async def measure(reloads: int, connections: int) -> dict[str, Any]:
 def child(args: argparse.Namespace) -> None:
     import uvloop
 
-    result = uvloop.run(measure(args.reloads, args.connections))
+    result = uvloop.run(measure(args.reloads, args.connections, args.pin))
     print(json.dumps(result), flush=True)
 
 
@@ -188,6 +203,8 @@ def main() -> None:
     ap.add_argument("--reloads", type=int, default=8)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1, help="runs of each checkout, in turn")
+    ap.add_argument("--pin", action="store_true",
+                    help="the proxy on one CPU, backends and load on another (as run.py)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -203,7 +220,8 @@ def main() -> None:
         load = os.getloadavg()[0]
         env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
         proc = subprocess.run([sys.executable, __file__, "--child", "--reloads",
-                               str(args.reloads), "--connections", str(args.connections)],
+                               str(args.reloads), "--connections", str(args.connections),
+                               *(["--pin"] if args.pin else [])],
                               env=env, capture_output=True, text=True,
                               timeout=120 + args.reloads * 10)
         if proc.returncode != 0:
