@@ -153,8 +153,14 @@ class Strategy:
         raise NotImplementedError
 
     def candidates(self, ctx: PickContext) -> Iterator[Backend]:
-        """Backends in preference order, each at most once; the pool takes the first ready."""
-        raise NotImplementedError
+        """Backends in preference order, each at most once; the pool takes the first ready.
+        A ``split`` strategy has it from ``first`` and ``after``."""
+        if not self.split:
+            raise NotImplementedError
+        first = self.first(ctx)
+        if first >= 0:
+            yield self.backends[first]
+            yield from self.after(first, ctx)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} over {len(self.backends)} backends>"

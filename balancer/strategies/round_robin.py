@@ -29,10 +29,3 @@ class RoundRobin(WeightedStrategy):
 
     def after(self, first: int, ctx: PickContext) -> Iterator[Backend]:
         return self.others(first)
-
-    def candidates(self, ctx: PickContext) -> Iterator[Backend]:
-        first = self.first(ctx)
-        if first < 0:
-            return
-        yield self.backends[first]
-        yield from self.others(first)
