@@ -228,6 +228,9 @@ def start_proxy(procs: Processes, kind: str, backend: Backend, cpu: int | None,
         elif kind == "balancer-alt":
             assert alt_src is not None
             env = {"PYTHONPATH": str(alt_src.resolve())}
+            if workers == 1:  # one process is the default: trees older than the key refuse it
+                conf.write_text("\n".join(line for line in conf.read_text().splitlines()
+                                           if not line.startswith("workers:")) + "\n")
         elif kind != "balancer":
             raise ValueError(f"unknown proxy {kind!r}")
     elif kind == "floor":
