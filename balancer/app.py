@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from balancer import __version__
 from balancer.backend import Backend
+from balancer.checker import Checker, CheckFailed
 from balancer.config import Address, Config, ConfigError
 from balancer.fleet import Fleet, Plan
 from balancer.loading import (
@@ -109,6 +110,7 @@ class App:
         self.services: list[Service] = self._build_services()
         self._started: list[Service] = []
         self._reload_lock = asyncio.Lock()
+        self.checker = Checker()  # a reload's check, in a child process (balancer/checker.py)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._draining = False
         # TLS on ``listen`` (balancer/tls.py); a reload loads renewed files into it in place.
@@ -209,18 +211,20 @@ class App:
         async with self._reload_lock:
             if self._draining:
                 return ReloadResult(False, ["draining: reload ignored"], "")
-            try:
-                new = await asyncio.to_thread(check_file, self.config_path)
+            try:  # in the check process, so that this loop never waits for it
+                new, prepared = await self.checker.check(self.config_path)
             except Refused as exc:
                 return self._refused(exc.problems, share_diff(self.report, exc.report))
             except ConfigError as exc:
                 return self._refused(exc.problems, "")
+            except CheckFailed as exc:  # its trace is logged
+                return self._refused([f"{self.config_path}: {exc}"], "")
             except Exception as exc:  # a bug in a plug-in strategy must not stop the proxy
                 log.exception("reload: checking %s failed", self.config_path)
                 return self._refused([f"{self.config_path}: {type(exc).__name__}: {exc}"], "")
 
             config, report = new.config, new.report
-            plan = await asyncio.to_thread(self.fleet.prepare, config)  # the costly part
+            plan = await asyncio.to_thread(self.fleet.prepare, config, prepared)
             diff = share_diff(self.report, report)
             old = self.config
             probation = self._begin_probation(config)
@@ -455,6 +459,7 @@ class App:
                     transport.abort()
         self.state.timers.close()
         await self.fleet.close()
+        await self.checker.close()
         await self._stop_services()
         log.info("drained: stopped")
 

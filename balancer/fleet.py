@@ -1,8 +1,9 @@
 """The live Pool and Backend objects, rebuilt for each config while keeping what stays.
 
 A reload, a rollback or a discovery change goes in two steps. ``prepare`` does everything
-costly — the strategies' tables and cycles (``Pool.prepare``) and the TLS contexts to
-``https://`` backends — in a worker thread, from the config alone, while the loop serves.
+costly — the strategies' tables and cycles (``Pool.prepare``, which a reload's check process
+has done already: balancer/checker.py) and the TLS contexts to ``https://`` backends — in a
+worker thread, from the config alone, while the loop serves.
 ``apply`` then swaps the new pools in, in one synchronous step with no heavy work (no await,
 so the event loop never runs a request against half of it). A server that stays keeps its
 Backend object (health, counters, pooled connections), a pool that stays keeps its Pool
@@ -55,10 +56,12 @@ class Fleet:
         self._retiring: set[asyncio.Task[None]] = set()
 
     @staticmethod
-    def prepare(config: Config) -> Plan:
+    def prepare(config: Config, prepared: dict[str, PreparedPool] | None = None) -> Plan:
         """Build what applying ``config`` needs, off the event loop (blocking: call it in a
-        worker thread). Reads the config only, never the live objects."""
-        pools = {name: Pool.prepare(pool) for name, pool in config.pools.items()}
+        worker thread), taking each pool's strategies from ``prepared`` when the check process
+        built them (balancer/checker.py). Reads the config only, never the live objects."""
+        pools = {name: prepared[name] if prepared is not None and name in prepared
+                 else Pool.prepare(pool) for name, pool in config.pools.items()}
         for pool in config.pools.values():
             for backend in pool.backends:
                 try:  # tls.backend_context keeps one SSLContext per setting: load it now

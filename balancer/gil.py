@@ -1,15 +1,18 @@
-"""Sharing the interpreter with the event loop while a worker thread computes.
+"""Sharing the CPU with the event loop while a long check computes beside it.
 
-A reload checks its config (the guard's simulation) and builds hash tables in a worker thread
-while the event loop serves requests. Pure Python that never blocks keeps the GIL until the
-interpreter's switch interval (5 ms) forces it out, and only then does the loop get it back,
-for each of its wake-ups: requests stalled 10-30 ms a reload (bench/reloadstall.py). The long
-loops call ``give_way`` often (every few dozen iterations: a clock read when it is not yet
-time); once ``SLICE`` of work has passed since the thread last stepped aside, it blocks for
-``PAUSE``, long enough for a waiting loop to take the GIL (a zero sleep releases it but takes
-it straight back before the loop's thread has woken) and to get a CPU. Time, not a count of
-iterations, decides, so a stretch is bounded however slow an iteration is (a plug-in strategy,
-a busy machine). In the main thread (``balancer check``, replay) it does nothing.
+A reload's check (the guard's simulation) and its hash tables are computed in a child process
+(balancer/checker.py), or in a worker thread when there is none, as DNS discovery's check and
+probation's simulation still are. In a thread, pure Python that never blocks keeps the GIL
+until the interpreter's switch interval (5 ms) forces it out, and only then does the loop get
+it back, for each of its wake-ups: requests stalled 10-30 ms a reload (bench/reloadstall.py).
+In a child process on the loop's core, the kernel lets it run until its next tick (4 ms here).
+The long loops call ``give_way`` often (every few dozen iterations: a clock read when it is
+not yet time); once ``SLICE`` of work has passed since the computation last stepped aside, it
+blocks for ``PAUSE``, long enough for a waiting loop to take the GIL (a zero sleep releases it
+but takes it straight back before the loop's thread has woken) and to get a CPU. Time, not a
+count of iterations, decides, so a stretch is bounded however slow an iteration is (a plug-in
+strategy, a busy machine). In the main thread (``balancer check``, replay) it does nothing,
+unless the process is ``courteous`` (the check process).
 """
 
 from __future__ import annotations
@@ -35,14 +38,23 @@ class _Due(threading.local):
 
 
 _due = _Due()
+_courteous = [False]  # set by ``courteous()``: the main thread steps aside too
+
+
+def courteous() -> None:
+    """Make ``give_way`` step aside in the main thread too: a process that computes for the
+    serving process (balancer/checker.py) and may share its core, so that the loop never
+    waits for it longer than ``SLICE`` (the kernel alone would let it run a whole tick)."""
+    _courteous[0] = True
+    _due.at = 0.0
 
 
 def give_way() -> None:
-    """Let a waiting event loop run, when called from a worker thread that has computed for
-    ``SLICE`` since it last did."""
+    """Let a waiting event loop run, when called from a worker thread (or a ``courteous``
+    process) that has computed for ``SLICE`` since it last did."""
     if _perf_counter() < _due.at:
         return
-    if threading.current_thread() is _MAIN:
+    if threading.current_thread() is _MAIN and not _courteous[0]:
         _due.at = float("inf")  # never again in this thread
         return
     time.sleep(PAUSE)

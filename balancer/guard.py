@@ -308,7 +308,7 @@ def synthetic_traffic(pool: PoolConfig, routes: Sequence[RouteConfig] = (),
     out: list[PickContext] = []
     for i in range(count):
         if not i & 15:
-            give_way()  # a reload checks in a worker thread (balancer/gil.py)
+            give_way()  # beside the serving loop (balancer/gil.py)
         n = rng.getrandbits(32)
         ip = (f"10.{n >> 24}.{(n >> 16) & 255}.{n & 255}" if i % 8
               else f"2001:db8::{n >> 16:x}:{n & 0xffff:x}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -93,21 +95,36 @@ def read_config(path: str | Path) -> str:
                            f"{raw[exc.start]:#04x})"], str(path)) from None
 
 
-def parse_config_text(text: str, path: str | Path) -> Config:
-    """Parse the YAML ``text`` read from ``path`` (plug-ins may sit next to it)."""
-    source = str(path)
-    data = parse_yaml(text, source)
-    # Plug-in strategies ("module:Class") may sit next to the config file. Appended, not
-    # prepended, so that a file there never shadows an installed module.
+@contextmanager
+def _beside(path: str | Path) -> Iterator[None]:
+    """Plug-in strategies ("module:Class") may sit next to the config file: its directory on
+    ``sys.path`` meanwhile. Appended, not prepended, so that a file there never shadows an
+    installed module."""
     here = str(Path(path).resolve().parent)
     added = here not in sys.path
     if added:
         sys.path.append(here)
     try:
-        return parse_config(data, source)
+        yield
     finally:
         if added:
             sys.path.remove(here)
+
+
+def parse_config_text(text: str, path: str | Path) -> Config:
+    """Parse the YAML ``text`` read from ``path`` (plug-ins may sit next to it)."""
+    source = str(path)
+    data = parse_yaml(text, source)
+    with _beside(path):
+        return parse_config(data, source)
+
+
+def import_strategies(config: Config, path: str | Path) -> None:
+    """Import the strategies ``config`` (read from ``path``) names, as its check did, in a
+    process that did not check it (balancer/checker.py): plug-ins next to the file too."""
+    with _beside(path):
+        for pool in config.pools.values():
+            resolve_strategy(pool.strategy.name)
 
 
 def load_config(path: str | Path) -> Config:

@@ -13,17 +13,12 @@ ejections are gathered into one ``HealthState`` per backend and pushed to all wo
 (``health_state`` / ``apply_health``). An ejection one worker decides is taken by all: a push
 never shortens an ejection a worker made itself since (the later end wins).
 
-Messages are pickled (parent and child run the same code) and framed by a 4-byte length.
+Messages travel over balancer/wire.py (pickled, framed by their length).
 Backends are named across processes by their fleet slot: (pool, (scheme, host, port), n).
 """
 
 from __future__ import annotations
 
-import asyncio
-import copyreg
-import io
-import pickle
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
@@ -40,36 +35,6 @@ REPORT_EVERY = 0.25
 Slot = tuple[str, tuple[str, str, int], int]
 #: (healthy, health_reason, ejected_until on the monotonic clock, ejections)
 HealthState = tuple[bool, str, float, int]
-
-_HEADER = struct.Struct("!I")
-
-
-# --------------------------------------------------------------------------- the wire
-
-
-def read_only(d: dict[Any, Any]) -> MappingProxyType[Any, Any]:
-    """Rebuilds a config's read-only mapping on the receiving side."""
-    return MappingProxyType(d)
-
-
-def _reduce_mapping(m: MappingProxyType[Any, Any]) -> tuple[Any, tuple[dict[Any, Any]]]:
-    return read_only, (dict(m),)
-
-
-def frame(message: Any) -> bytes:
-    """``message`` pickled behind its length. The config's read-only mappings travel as such."""
-    buf = io.BytesIO()
-    pickler = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = {**copyreg.dispatch_table, MappingProxyType: _reduce_mapping}
-    pickler.dump(message)
-    body = buf.getvalue()
-    return _HEADER.pack(len(body)) + body
-
-
-async def read_message(reader: asyncio.StreamReader) -> Any:
-    """The next framed message; raises asyncio.IncompleteReadError when the peer is gone."""
-    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    return pickle.loads(await reader.readexactly(size))
 
 
 # --------------------------------------------------------------------------- slots and limits

@@ -76,7 +76,8 @@ class Pool:
     @staticmethod
     def prepare(config: PoolConfig) -> PreparedPool:
         """The costly part of building the strategies for ``config``'s backends, from the
-        config alone (their url and weight), so a reload does it in a worker thread."""
+        config alone (their url and weight), so a reload does it off the loop (in its check
+        process, balancer/checker.py)."""
         primary = tuple((b.url, b.weight) for b in config.backends if b.active)
         backup = tuple((b.url, b.weight) for b in config.backends if b.weight > 0 and b.backup)
         return (prepare_strategy(config.strategy, primary),

@@ -105,7 +105,7 @@ class Simulation:
         self.counts[backend] += 1
         self._seq += 1
         if not self._seq & YIELD_EVERY:
-            give_way()  # a reload simulates in a worker thread: let the serving loop run
+            give_way()  # beside the serving loop: let it run (balancer/gil.py)
         heapq.heappush(self.held, (self.clock.now + hold, self._seq, backend, latency))
 
     def finish_next(self) -> None:

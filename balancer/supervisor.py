@@ -37,7 +37,8 @@ from typing import Any
 from balancer.app import App, StartError, _reason
 from balancer.config import Address, Config
 from balancer.loading import Applied
-from balancer.mirror import Mirror, frame, health_state, read_message, slots
+from balancer.mirror import Mirror, health_state, slots
+from balancer.wire import frame, read_message
 
 log = logging.getLogger("balancer.app")
 
@@ -312,6 +313,7 @@ class Supervisor(App):
         if self._reserved is not None:
             self._reserved.close()
         await self.fleet.close()
+        await self.checker.close()
         await self._stop_services()
         log.info("drained: stopped")
 

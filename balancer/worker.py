@@ -17,7 +17,6 @@ config every other worker runs), so no worker serves a config the others left.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import io
 import logging
 import os
@@ -34,29 +33,18 @@ from balancer.mirror import (
     REPORT_EVERY,
     Reporter,
     apply_health,
-    frame,
-    read_message,
     split_limits,
 )
 from balancer.proxy import ProxyState, protocol_factory
 from balancer.proxystate import settings_for
 from balancer.router import Router
 from balancer.run import freeze_heap, run_on_uvloop
+from balancer.wire import die_with_parent, frame, read_message
 
 log = logging.getLogger("balancer.worker")
 
 #: How often a drain looks again for requests still in flight (seconds).
 POLL = 0.02
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the supervisor dies (no orphans)."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - no libc: EOF still ends us
-            pass
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:

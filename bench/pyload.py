@@ -1,10 +1,10 @@
 """A bundled load generator for machines without wrk: N keep-alive connections, closed loop.
 
 ``python bench/pyload.py URL -c 64 -d 10`` prints one JSON line: requests, seconds, requests/s,
-p50/p99 latency (ms), errors and non-2xx answers. Each connection sends its next request when
-the previous response is complete, like wrk. In Python it saturates far below nginx, so on a
-machine that needs it the load generator, not the proxy, may be the bottleneck: figures from it
-are marked as such by run.py.
+p50/p99 latency (ms), errors and non-2xx answers; a SIGTERM ends the run early, as its end
+would. Each connection sends its next request when the previous response is complete, like
+wrk. In Python it saturates far below nginx, so on a machine that needs it the load generator,
+not the proxy, may be the bottleneck: figures from it are marked as such by run.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import time
 from array import array
 from urllib.parse import urlsplit
@@ -76,6 +77,10 @@ class Run:
         self.errors = 0
         self.non2xx = 0
 
+    def stop(self) -> None:
+        """SIGTERM: end now, as at the deadline (each connection after its response)."""
+        self.deadline = min(self.deadline, time.perf_counter())
+
 
 async def load(url: str, connections: int, seconds: float) -> dict[str, float]:
     parts = urlsplit(url)
@@ -85,6 +90,7 @@ async def load(url: str, connections: int, seconds: float) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
     run = Run(seconds)
+    loop.add_signal_handler(signal.SIGTERM, run.stop)
     clients: list[Client] = []
     for _ in range(connections):
         try:

@@ -1,6 +1,7 @@
 """The event loop's longest stall while a reload rebuilds a 16-backend consistent_hash pool.
 
     python bench/reloadstall.py [--src DIR ...] [--reloads N] [--connections C] [--rounds R]
+                                [--pin [--check-elsewhere]] [--trace]
 
 For each checkout (``--src``, default this one) a child interpreter runs the real ``App`` of
 that checkout's ``balancer`` package on uvloop, as ``balancer run`` does: one
@@ -16,7 +17,13 @@ without one: the control, under the same load on the machine as it is at that mo
 Checkouts run one after the other on the same machine, ``--rounds`` times in turn (A B A B: a
 burst of other work disturbs both alike), each row with the machine's 1-minute load average
 before it (a quiet baseline above ~2 ms says the run was disturbed); every process stops by
-itself (time budget) and is stopped at the end.
+itself (time budget) and is stopped at the end (the load by a SIGTERM once the reloads are
+done; a load that ended before them fails the run).
+
+``--trace`` says where each wake-up later than 5 ms fell (the reload's check, its apply, the
+100 ms after, the control) and what the loop's thread did meanwhile: ran (its CPU time),
+waited for this machine's CPU behind another task (its run-queue time: the check process,
+say), or neither (a virtual CPU its host descheduled, which the guest cannot see).
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 BACKENDS = 16
 PROBE = 0.001  # seconds between probe wake-ups
+clock = time.perf_counter  # the probe's and the phases' clock (uvloop's loop.time() is in ms)
+LATE = 0.005  # --trace: wake-ups later than this are placed in a phase of the reload
 
 
 def free_ports(n: int) -> list[int]:
@@ -69,17 +78,35 @@ class Collections:
     def __init__(self) -> None:
         self.worst = (0.0, 0)  # (seconds, generation)
         self._start = 0.0
+        #: (perf_counter start, end) of every collection longer than 1 ms (for --trace).
+        self.long: list[tuple[float, float]] = []
         gc.callbacks.append(self.callback)
 
     def callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._start = time.perf_counter()
         else:
-            self.worst = max(self.worst, (time.perf_counter() - self._start, info["generation"]))
+            now = time.perf_counter()
+            self.worst = max(self.worst, (now - self._start, info["generation"]))
+            if now - self._start > 0.001:
+                self.long.append((self._start, now))
 
     def reset(self) -> tuple[float, int]:
         worst, self.worst = self.worst, (0.0, 0)
         return worst
+
+
+try:  # the kernel's time this thread was runnable but another task had its CPU
+    _SCHEDSTAT: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+except OSError:  # not Linux, or no schedstats
+    _SCHEDSTAT = None
+
+
+def run_delay() -> float:
+    """Seconds this thread has waited on a run queue (0 when the kernel does not say)."""
+    if _SCHEDSTAT is None:
+        return 0.0
+    return int(os.pread(_SCHEDSTAT, 64, 0).split()[1]) / 1e9
 
 
 class Probe:
@@ -89,22 +116,30 @@ class Probe:
     def __init__(self) -> None:
         self.worst = 0.0
         self.running = True
+        #: (woken at, lateness, the loop thread's CPU time meanwhile, its time runnable but
+        #: waiting for this machine's CPU meanwhile) of every wake-up later than ``LATE``
+        #: (for --trace), in seconds on ``clock``.
+        self.late: list[tuple[float, float, float, float]] = []
 
     def reset(self) -> float:
         worst, self.worst = self.worst, 0.0
         return worst
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        cpu = time.thread_time  # this thread's CPU time: busy late, or off the CPU?
         while self.running:
-            start = loop.time()
+            start, used, waited = clock(), cpu(), run_delay()
             await asyncio.sleep(PROBE)
-            late = loop.time() - start - PROBE
+            late = clock() - start - PROBE
             if late > self.worst:
                 self.worst = late
+            if late > LATE:
+                self.late.append((start + PROBE + late, late, cpu() - used,
+                                  run_delay() - waited))
 
 
-async def measure(reloads: int, connections: int, pin: bool = False) -> dict[str, Any]:
+async def measure(reloads: int, connections: int, pin: bool = False,
+                  check_elsewhere: bool = False) -> dict[str, Any]:
     from balancer.app import App  # the checkout on PYTHONPATH
 
     # --pin: the proxy (its loop and its reload thread) on the first CPU, the backends and the
@@ -143,7 +178,7 @@ async def measure(reloads: int, connections: int, pin: bool = False) -> dict[str
             probe, collections = Probe(), Collections()
             loop = asyncio.get_running_loop()
             probe_task = loop.create_task(probe.run())
-            budget = 3.0 + reloads * 5.0
+            budget = 30.0 + reloads * 20.0  # stopped (SIGTERM) when the reloads are done
             load = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "pyload.py"), f"http://127.0.0.1:{port}/",
                 "-c", str(connections), "-d", str(budget), stdout=subprocess.PIPE,
@@ -153,13 +188,41 @@ async def measure(reloads: int, connections: int, pin: bool = False) -> dict[str
             await asyncio.sleep(1.0)
             baseline = probe.reset()
             stalls, took, pauses, quiet = [], [], [], []
+            # --trace: (phase, start, end) on ``clock``, to place each late wake-up.
+            phases: list[tuple[str, float, float]] = []
+            checked = [0.0]
+            checker = getattr(app, "checker", None)  # a checkout with a check process
+            if checker is not None and check_elsewhere and other is not None:
+                started = checker._started
+
+                async def moved() -> Any:  # --check-elsewhere: the check process off CPU 0
+                    proc = await started()
+                    os.sched_setaffinity(proc.pid, other)
+                    return proc
+
+                checker._started = moved
+            if checker is not None:
+                check = checker.check
+
+                async def timed_check(path: str) -> Any:
+                    try:
+                        return await check(path)
+                    finally:
+                        checked[0] = clock()
+
+                checker.check = timed_check
             for i in range(reloads):
                 path.write_text(config_text(port, admin, backends, heavy=i % BACKENDS),
                                 encoding="utf-8")
                 probe.reset()
                 collections.reset()
                 t0 = time.perf_counter()
+                begun = clock()
                 result = await app.reload()
+                ended = clock()
+                mid = checked[0] if begun < checked[0] <= ended else begun
+                phases += [("check", begun, mid), ("apply", mid, ended),
+                           ("after", ended, ended + 0.1)]
                 took.append(time.perf_counter() - t0)
                 if not result.applied:
                     raise SystemExit(f"reload refused: {result.problems}")
@@ -169,11 +232,16 @@ async def measure(reloads: int, connections: int, pin: bool = False) -> dict[str
                 await asyncio.sleep(0.3)
                 # The control: a window as long, without a reload, under the same load.
                 probe.reset()
+                begun = clock()
                 await asyncio.sleep(took[-1] + 0.1)
+                phases.append(("control", begun, clock()))
                 quiet.append(probe.reset())
             probe.running = False
             await probe_task
-            out, _ = await asyncio.wait_for(load.communicate(), budget + 10)
+            if load.returncode is not None:  # the load ended before the reloads did
+                raise SystemExit(f"the load ended before reload {len(took)} of {reloads}")
+            load.send_signal(signal.SIGTERM)
+            out, _ = await asyncio.wait_for(load.communicate(), 40)
             traffic = json.loads(out)
         finally:
             if load is not None and load.returncode is None:
@@ -185,14 +253,35 @@ async def measure(reloads: int, connections: int, pin: bool = False) -> dict[str
     return {"baseline_ms": baseline * 1000, "stalls_ms": [s * 1000 for s in stalls],
             "quiet_ms": [q * 1000 for q in quiet],
             "reload_ms": [t * 1000 for t in took], "gc_ms": [(p * 1000, g) for p, g in pauses],
-            "rps": traffic["rps"],
+            "rps": traffic["rps"], "trace": trace(phases, probe.late, collections.long),
             "errors": traffic["errors"] + traffic["non2xx"]}
+
+
+def trace(phases: list[tuple[str, float, float]],
+          late: list[tuple[float, float, float, float]],
+          collections: list[tuple[float, float]]) -> dict[str, Any]:
+    """Per phase: its seconds in all, and the wake-ups later than ``LATE`` in it (ms), each
+    with the loop thread's CPU time in that wait (``cpu``: ~the wait when the loop was busy)
+    and its time runnable while another task of this machine had the CPU (``queued``: the
+    check process, say); a wait with neither was outside the machine (a virtual CPU
+    descheduled by its host). ``*``: a collection over 1 ms overlapped it."""
+    out: dict[str, Any] = {}
+    for name, start, end in phases:
+        entry = out.setdefault(name, {"seconds": 0.0, "late_ms": []})
+        entry["seconds"] += end - start
+        for t, x, used, queued in late:
+            if start <= t < end:
+                during = any(a < t and b > t - x for a, b in collections)
+                entry["late_ms"].append(f"{x * 1000:.1f} (cpu {used * 1000:.1f}, queued "
+                                        f"{queued * 1000:.1f}){'*' if during else ''}")
+    return out
 
 
 def child(args: argparse.Namespace) -> None:
     import uvloop
 
-    result = uvloop.run(measure(args.reloads, args.connections, args.pin))
+    result = uvloop.run(measure(args.reloads, args.connections, args.pin,
+                                args.check_elsewhere))
     print(json.dumps(result), flush=True)
 
 
@@ -205,6 +294,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="runs of each checkout, in turn")
     ap.add_argument("--pin", action="store_true",
                     help="the proxy on one CPU, backends and load on another (as run.py)")
+    ap.add_argument("--check-elsewhere", action="store_true",
+                    help="with --pin: the check process (balancer/checker.py) on the other "
+                    "CPU, not on the proxy's (where it starts, as a child of the proxy)")
+    ap.add_argument("--trace", action="store_true",
+                    help="place each wake-up later than LATE in a phase (check, apply, the "
+                    "100 ms after, the control)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -221,9 +316,10 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
         proc = subprocess.run([sys.executable, __file__, "--child", "--reloads",
                                str(args.reloads), "--connections", str(args.connections),
-                               *(["--pin"] if args.pin else [])],
+                               *(["--pin"] if args.pin else []),
+                               *(["--check-elsewhere"] if args.check_elsewhere else [])],
                               env=env, capture_output=True, text=True,
-                              timeout=120 + args.reloads * 10)
+                              timeout=120 + args.reloads * 25)
         if proc.returncode != 0:
             print(f"{src}: failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
@@ -234,6 +330,12 @@ def main() -> None:
               f"{statistics.median(r['quiet_ms']):.1f} / {max(r['quiet_ms']):.1f} | "
               f"{pause:.1f} (gen {generation}) | {statistics.median(r['reload_ms']):.0f} | "
               f"{r['rps']:,.0f} | {r['errors']} |", flush=True)
+        if args.trace:
+            print(f"    reload() wall times (ms): {[round(x) for x in r['reload_ms']]}", flush=True)
+            for name, entry in r["trace"].items():
+                late = sorted(entry["late_ms"], key=lambda x: -float(x.split()[0]))
+                print(f"    {name}: {entry['seconds']:.1f} s, {len(late)} wake-up(s) later "
+                      f"than {LATE * 1000:.0f} ms: {late[:12]}", flush=True)
 
 
 if __name__ == "__main__":

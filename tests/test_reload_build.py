@@ -1,7 +1,8 @@
 """What a reload builds is built off the event loop, and swapped in whole.
 
-The consistent_hash table (and any strategy's ``precompute``) is made in a worker thread by
-``Fleet.prepare``; the loop only wraps it (``Fleet.apply``). A prepared build made for other
+The consistent_hash table (and any strategy's ``precompute``) is made in the check process
+(balancer/checker.py), or in a worker thread by ``Fleet.prepare`` when there is none; the loop
+only wraps it (``Fleet.apply``). A prepared build made for other
 members than the strategy is given is never used: the strategy builds its own, so a plan
 that another change overtook cannot put a wrong table in service.
 """
@@ -9,6 +10,7 @@ that another change overtook cannot put a wrong table in service.
 from __future__ import annotations
 
 import random
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,10 @@ def config(weights: list[int], strategy: str = "consistent_hash") -> dict[str, A
                 for i, w in enumerate(weights)]}}}
 
 
-async def test_a_reload_builds_the_hash_table_in_a_worker_thread(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def reload_with_spy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                          ) -> tuple[App, list[threading.Thread]]:
+    """Reload a 6-backend consistent_hash pool to new weights, recording the threads of this
+    process that built a table; checks the table swapped in."""
     path = write_config(tmp_path / "c.yaml", config([1, 1, 1, 1, 1, 1]))
     app = App(str(path))
     pool = app.pools["web"]
@@ -48,10 +52,11 @@ async def test_a_reload_builds_the_hash_table_in_a_worker_thread(
 
     monkeypatch.setattr(ConsistentHash, "precompute", classmethod(spy))
     write_config(path, config([1, 1, 3, 1, 1, 1]))
-    result = await app.reload()
+    try:
+        result = await app.reload()
+    finally:
+        await app.checker.close()
     assert result.applied, result.problems
-    # Built (by the guard's check and by Fleet.prepare), never on the loop's thread.
-    assert threads and threading.main_thread() not in threads
     # Swapped in: the same Pool and Backend objects, the new weight, and a table that gives
     # the heavier backend about three times the slots of the others.
     assert app.pools["web"] is pool and pool.backends == kept
@@ -62,6 +67,23 @@ async def test_a_reload_builds_the_hash_table_in_a_worker_thread(
     for k in strategy._owner:
         owned[k] += 1
     assert owned[2] > 2 * max(owned[:2] + owned[3:])
+    return app, threads
+
+
+async def test_a_reload_builds_the_hash_table_in_the_check_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, threads = await reload_with_spy(tmp_path, monkeypatch)
+    # The check and the table were made in the child (balancer/checker.py): no thread of
+    # this process built one.
+    assert threads == []
+
+
+async def test_without_a_check_process_the_table_is_built_in_a_worker_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    _, threads = await reload_with_spy(tmp_path, monkeypatch)
+    # Built (by the guard's check and by Fleet.prepare), never on the loop's thread.
+    assert threads and threading.main_thread() not in threads
 
 
 @pytest.mark.parametrize("name", ["consistent_hash", "round_robin", "least_connections"])

@@ -29,12 +29,12 @@ from balancer.mirror import (
     Mirror,
     Reporter,
     apply_health,
-    frame,
     health_state,
     share,
     slots,
     split_limits,
 )
+from balancer.wire import frame
 from tests.support.net import name_app, run_app
 from tests.support.proc import BalancerProcess, RunningBalancer, pool_config, run_cli, write_config
 

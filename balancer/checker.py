@@ -1,0 +1,213 @@
+"""A reload's check in a child process, so the serving loop never waits for it.
+
+A reload reads, parses and judges the new file (``loading.check_file``: the guard simulates
+traffic for seconds of pure Python) and builds the strategies' tables (``Pool.prepare``).
+Done in a thread of the serving process, that work shares one GIL with the event loop: on one
+core a reload stalled requests 10-25 ms (bench/reloadstall.py). Here it runs in a child
+interpreter started at the first reload and kept for the next ones (``IDLE`` seconds at most
+between two): the serving process sends the path and gets back, pickled, the checked config
+with its tables, in about a millisecond on its loop. The child runs at a lower priority
+(``NICE``), so on a core shared with the loop the kernel hands the core back to the loop as
+soon as a request arrives; it dies with its parent.
+
+What the child answers, the parent raises or returns exactly as ``check_file`` would: the same
+ConfigError, UnreadableConfig or Refused with the same lines. A config whose check kills the
+child (a plug-in that crashes the interpreter, a config that exhausts memory) is refused,
+and the parent stays up. Only when the child cannot be started, or its answer cannot be
+pickled (a plug-in's table), is the check done in a thread as before (balancer/gil.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from balancer.config import ConfigError, UnreadableConfig
+from balancer.gil import courteous
+from balancer.loading import Applied, Refused, check_file, import_strategies
+from balancer.pool import Pool, PreparedPool
+from balancer.wire import die_with_parent, frame, read_message, read_message_from
+
+log = logging.getLogger("balancer.app")
+
+#: The check process's niceness above its parent's: on a core it shares with the serving
+#: loop it yields at once when a request wakes the loop.
+NICE = 10
+#: A check process unused this long exits (seconds); the next reload starts another.
+IDLE = 600.0
+#: The longest a check may take (seconds): one stuck (a plug-in's endless loop) is stopped
+#: and the reload refused, so that the reloads after it are not stuck behind it.
+TIMEOUT = 300.0
+#: The directory holding this ``balancer`` package: the child imports the same code.
+_ROOT = str(Path(__file__).resolve().parents[1])
+_START = ("import sys; sys.path.insert(0, sys.argv[1]); "
+          "from balancer.checker import main; sys.exit(main())")
+
+Prepared = dict[str, PreparedPool]
+
+
+class CheckFailed(Exception):
+    """The check raised something other than a config's problems (a plug-in's bug), or the
+    check process died while checking; ``str()`` is the one line for the reload's answer."""
+
+
+class Checker:
+    """The serving process's side: one check at a time, through one child process."""
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._idle: asyncio.TimerHandle | None = None
+
+    async def check(self, path: str) -> tuple[Applied, Prepared | None]:
+        """``check_file(path)`` and each pool's ``Pool.prepare``, done in the child. Raises
+        what ``check_file`` raises, or CheckFailed."""
+        async with self._lock:
+            if self._idle is not None:
+                self._idle.cancel()
+            try:
+                proc = await self._started()
+            except OSError as exc:
+                log.warning("reload: cannot start the check process (%s): checking in a "
+                            "thread of this one", exc)
+                return await asyncio.to_thread(check_file, path), None
+            try:
+                reply = await self._ask(proc, path)
+            finally:
+                self._idle = asyncio.get_running_loop().call_later(IDLE, self._stop_idle)
+        if "applied" in reply:
+            applied: Applied = reply["applied"]
+            try:  # the pools are built here: their strategies must be importable here too
+                await asyncio.to_thread(import_strategies, applied.config, path)
+            except Exception as exc:
+                raise CheckFailed(f"{type(exc).__name__}: {exc}") from None
+            return applied, reply["prepared"]
+        if "refused" in reply:
+            raise Refused(*reply["refused"])
+        if "invalid" in reply:
+            unreadable, problems, source = reply["invalid"]
+            raise (UnreadableConfig if unreadable else ConfigError)(problems, source)
+        if "unsendable" in reply:
+            log.warning("reload: the check's result cannot be sent between processes (%s): "
+                        "checking in a thread of this one", reply["unsendable"])
+            return await asyncio.to_thread(check_file, path), None
+        log.error("reload: checking %s failed:\n%s", path, reply["trace"].rstrip())
+        raise CheckFailed(reply["failed"])
+
+    async def _started(self) -> asyncio.subprocess.Process:
+        if self._proc is None or self._proc.returncode is not None:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _START, _ROOT,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        return self._proc
+
+    async def _ask(self, proc: asyncio.subprocess.Process, path: str) -> dict[str, Any]:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(frame({"check": path, "sys_path": list(sys.path)}))
+            await proc.stdin.drain()
+            reply: dict[str, Any] = await asyncio.wait_for(read_message(proc.stdout), TIMEOUT)
+            return reply
+        except asyncio.TimeoutError:
+            self._proc = None
+            proc.kill()
+            await proc.wait()
+            raise CheckFailed(f"the check took longer than {TIMEOUT:g}s: stopped") from None
+        except (OSError, EOFError, asyncio.IncompleteReadError):
+            self._proc = None
+            try:
+                code = await asyncio.wait_for(proc.wait(), 2.0)
+            except asyncio.TimeoutError:  # its end of the pipe closed, yet it runs on
+                proc.kill()
+                code = await proc.wait()
+            raise CheckFailed(f"the check process died while checking ({_exit(code)})") \
+                from None
+
+    def _stop_idle(self) -> None:
+        self._idle = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()  # end of file: the child exits
+
+    async def close(self) -> None:
+        """Stop the child (at the end of a drain)."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 2.0)
+        except asyncio.TimeoutError:  # in the middle of a long check: not needed any more
+            proc.kill()
+            await proc.wait()
+
+
+def _exit(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def answer(path: str) -> dict[str, Any]:
+    """What the child sends back for ``path``: ``check_file``'s outcome as data."""
+    try:
+        applied = check_file(path)
+    except Refused as exc:
+        return {"refused": (exc.report, exc.source, exc.config)}
+    except ConfigError as exc:
+        return {"invalid": (isinstance(exc, UnreadableConfig), exc.problems, exc.source)}
+    except Exception as exc:  # a plug-in's bug: the parent logs the trace and refuses
+        return {"failed": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    try:
+        prepared: Prepared | None = {name: Pool.prepare(pool)
+                                     for name, pool in applied.config.pools.items()}
+    except Exception:  # a plug-in's precompute: the parent's fleet builds it, and says why
+        prepared = None
+    return {"applied": applied, "prepared": prepared}
+
+
+def main() -> int:
+    """``python -c …checker…``: answer each path read from stdin on stdout, until stdin
+    ends (the parent closed it, or died)."""
+    die_with_parent()
+    if os.getppid() == 1:  # the parent died before PDEATHSIG was set
+        return 1
+    courteous()
+    gc.collect()
+    gc.freeze()  # the imported code is never garbage: a full collection over it took 9-14 ms
+    try:
+        os.nice(NICE)
+    except OSError:  # pragma: no cover - not allowed: the same priority, still another GIL
+        pass
+    requests = sys.stdin.buffer
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a plug-in's print() goes to stderr, never into a reply
+    while True:
+        try:
+            request = read_message_from(requests)
+        except EOFError:
+            return 0
+        sys.path[:] = request["sys_path"]
+        replies.write(_framed(answer(request["check"])))
+        replies.flush()
+
+
+def _framed(reply: dict[str, Any]) -> bytes:
+    """``reply`` framed; without its tables if only they cannot be pickled (a plug-in's)."""
+    try:
+        return frame(reply)
+    except Exception as exc:  # whatever pickle raises on a plug-in's data
+        if reply.get("prepared") is not None:
+            return _framed({**reply, "prepared": None})
+        return frame({"unsendable": f"{type(exc).__name__}: {exc}"})

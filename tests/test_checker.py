@@ -1,0 +1,190 @@
+"""A reload's check runs in a child process (balancer/checker.py), and answers as the check does.
+
+The serving process sends the path and gets back the checked config with its tables; what the
+check refuses is refused with the same lines as ``check_file`` (and ``balancer check``) says.
+A plug-in next to the config loads in both processes. A check that kills the child refuses the
+reload and leaves the proxy serving; the next reload starts a new child. The child ends with a
+drain, and dies with its parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.app import App
+from balancer.config import ConfigError
+from balancer.loading import check_file
+from tests.support.net import free_port
+from tests.support.proc import RunningBalancer, write_config
+
+
+def config(weights: list[int], strategy: str = "round_robin", **pool: Any) -> dict[str, Any]:
+    return {"listen": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}",
+            "access_log": False, "guard": {"probation": 0},
+            "pools": {"web": {"strategy": strategy, **pool, "backends": [
+                {"url": f"http://127.0.0.1:{9000 + i}", "name": f"b{i}", "weight": w}
+                for i, w in enumerate(weights)]}}}
+
+
+def problems_of(path: Path) -> list[str]:
+    """What the check in this process says of ``path``."""
+    with pytest.raises(ConfigError) as caught:
+        check_file(str(path))
+    return caught.value.problems
+
+
+def plugin(where: Path, module: str, cls: str, *body: str, imports: str = "") -> None:
+    """A round robin plug-in ``module:cls`` next to the config, with ``body`` lines."""
+    lines = [imports, "from balancer.strategies.round_robin import RoundRobin", "", "",
+             f"class {cls}(RoundRobin):", *(f"    {line}" for line in body or ["pass"])]
+    (where / f"{module}.py").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def child_pid(app: App) -> int:
+    proc = app.checker._proc
+    assert proc is not None and proc.returncode is None
+    return proc.pid
+
+
+async def gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":  # exited, not yet reaped by its parent
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> Any:
+    path = write_config(tmp_path / "c.yaml", config([1, 1, 1]))
+    app = App(str(path))
+    yield app
+    await app.checker.close()
+
+
+async def test_refusals_through_the_check_process_say_what_the_check_says(
+        app: App, tmp_path: Path) -> None:
+    path = Path(app.config_path)
+    bad = {
+        "concentrated": config([9, 1]),
+        "invalid": {**config([1, 1]), "client": {"header_timeout": "soon"}},
+    }
+    for name, data in bad.items():
+        write_config(path, data)
+        expected = problems_of(path)
+        result = await app.reload()
+        assert not result.applied, name
+        assert result.problems == expected, name
+    path.write_text("pools: [unclosed\n", encoding="utf-8")
+    expected = problems_of(path)
+    result = await app.reload()
+    assert not result.applied and result.problems == expected
+    path.unlink()
+    result = await app.reload()
+    assert not result.applied and result.problems == problems_of(path)
+    assert "cannot read" in result.problems[0]
+    # One child answered them all, and the config that runs is still the first.
+    assert [b.weight for b in app.pools["web"].backends] == [1, 1, 1]
+    pid = child_pid(app)
+    write_config(path, config([1, 2, 1]))
+    result = await app.reload()
+    assert result.applied, result.problems
+    assert [b.weight for b in app.pools["web"].backends] == [1, 2, 1]
+    assert child_pid(app) == pid
+
+
+async def test_a_plugin_next_to_the_config_loads_in_both_processes(
+        app: App, tmp_path: Path) -> None:
+    # A module this process has never imported, in a directory not on its sys.path.
+    plugin(tmp_path, "fresh_plugin", "Fresh", "name = 'fresh'")
+    write_config(Path(app.config_path), config([1, 1, 1], strategy="fresh_plugin:Fresh"))
+    result = await app.reload()
+    assert result.applied, result.problems
+    assert type(app.pools["web"].strategy).__name__ == "Fresh"
+
+
+async def test_a_plugin_that_raises_refuses_the_reload_with_its_error(
+        app: App, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plugin(tmp_path, "broken_plugin", "Broken", "@classmethod",
+           "def validate_options(cls, options):", "    raise RuntimeError('boom')")
+    write_config(Path(app.config_path), config([1, 1, 1], strategy="broken_plugin:Broken"))
+    result = await app.reload()
+    assert not result.applied
+    assert any("RuntimeError: boom" in p for p in result.problems), result.problems
+    assert "broken_plugin.py" in caplog.text  # the child's trace, in this process's log
+
+
+async def test_a_check_that_kills_the_child_is_refused_and_the_next_reload_works(
+        app: App, tmp_path: Path) -> None:
+    plugin(tmp_path, "slow_plugin", "Slow", "@classmethod",
+           "def validate_options(cls, options):", "    time.sleep(60)", "    return []",
+           imports="import time")
+    write_config(Path(app.config_path), config([1, 1, 1], strategy="slow_plugin:Slow"))
+    reload = asyncio.get_running_loop().create_task(app.reload())
+    deadline = time.monotonic() + 15
+    while app.checker._proc is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    pid = child_pid(app)
+    await asyncio.sleep(1.0)  # in the plug-in's sleep by now
+    os.kill(pid, signal.SIGKILL)
+    result = await asyncio.wait_for(reload, 15)
+    assert not result.applied
+    assert result.problems == [f"{app.config_path}: the check process died while checking "
+                               "(killed by signal 9)"]
+    assert [b.weight for b in app.pools["web"].backends] == [1, 1, 1]
+    write_config(Path(app.config_path), config([2, 1, 1]))
+    result = await app.reload()
+    assert result.applied, result.problems
+    assert child_pid(app) != pid
+
+
+async def test_the_child_ends_with_a_drain(app: App) -> None:
+    write_config(Path(app.config_path), config([1, 1, 2]))
+    assert (await app.reload()).applied
+    pid = child_pid(app)
+    await app.start()
+    await app.drain(1.0)
+    assert await gone(pid)
+
+
+async def test_the_child_dies_with_balancer_run(tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+    pools = {"web": {"backends": [{"url": f"http://127.0.0.1:{p}", "name": f"b{p}"}
+                                  for p in ports]}}
+    async with RunningBalancer(tmp_path, pools) as lb:
+        mark = lb.proc.mark()
+        lb.proc.send(signal.SIGHUP)
+        await lb.proc.wait_for("reload applied", since=mark)
+        children = Path(f"/proc/{lb.proc.pid}/task/{lb.proc.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        pid = int(children[0])
+        assert "balancer.checker" in Path(f"/proc/{pid}/cmdline").read_text()
+        lb.proc.proc.kill()  # type: ignore[union-attr]
+        assert await gone(pid)
+
+
+async def test_tables_that_cannot_be_sent_are_built_here(app: App, tmp_path: Path) -> None:
+    plugin(tmp_path, "local_plugin", "Local", "@classmethod",
+           "def precompute(cls, members, options):",
+           "    class Cycle(list):  # a class pickle cannot name: the table cannot be sent",
+           "        pass",
+           "    table = super().precompute(members, options)",
+           "    return None if table is None else Cycle(table)")
+    write_config(Path(app.config_path), config([1, 2, 1], strategy="local_plugin:Local"))
+    result = await app.reload()
+    assert result.applied, result.problems
+    assert type(app.pools["web"].strategy).__name__ == "Local"
+    assert [b.weight for b in app.pools["web"].backends] == [1, 2, 1]
