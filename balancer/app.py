@@ -19,7 +19,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 from balancer import __version__
 from balancer.backend import Backend
@@ -42,6 +43,7 @@ from balancer.proxystate import settings_for
 from balancer.router import Router
 
 log = logging.getLogger("balancer.app")
+T = TypeVar("T")
 
 #: How often a drain looks again for requests still in flight (seconds).
 POLL = 0.02
@@ -269,7 +271,7 @@ class App:
                                 "earlier (%s); still serving the previous one",
                                 describe_pools(config))
                 return False
-            plan = await asyncio.to_thread(self.fleet.prepare, config)
+            plan = await self.fleet.plan(config, self.compute)
             probation = self._begin_probation(config)
             gone = self._apply(plan)
             self.report = report
@@ -323,7 +325,8 @@ class App:
                     return
                 for finding in p.findings(self.pools, loop.time()):
                     to_blame, why = await p.blame(finding, self.pools, loop.time(),
-                                                  self.health.probe, self._simulate)
+                                                  self.health.probe,
+                                                  partial(self.compute, top_share))
                     if p.over:
                         return
                     if to_blame:
@@ -340,8 +343,10 @@ class App:
         if self._probation is p:
             self._probation = None
 
-    async def _simulate(self, config: Config, pool: Any) -> float:
-        return await asyncio.to_thread(top_share, config, pool)
+    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` off the loop, in the check process (balancer/checker.py): guard work
+        (probation's simulation, DNS discovery's verdict, the tables of a change)."""
+        return await self.checker.call(fn, *args)
 
     async def rollback(self, p: Probation, finding: Finding, why: str) -> None:
         """Restore the config that ran before ``p``'s reload, by the path a reload takes."""
@@ -349,7 +354,7 @@ class App:
             if p.over or self._draining:
                 return
             previous = p.previous
-            plan = await asyncio.to_thread(self.fleet.prepare, previous.config)
+            plan = await self.fleet.plan(previous.config, self.compute)
             if p.over or self._draining:  # only a drain can start meanwhile (we hold the lock)
                 return
             undone = self.config

@@ -6,9 +6,11 @@ Done in a thread of the serving process, that work shares one GIL with the event
 core a reload stalled requests 10-25 ms (bench/reloadstall.py). Here it runs in a child
 interpreter started at the first reload and kept for the next ones (``IDLE`` seconds at most
 between two): the serving process sends the path and gets back, pickled, the checked config
-with its tables, in about a millisecond on its loop. The child runs at a lower priority
-(``NICE``), so on a core shared with the loop the kernel hands the core back to the loop as
-soon as a request arrives; it dies with its parent.
+with its tables, in about a millisecond on its loop. The guard's other work runs there too
+(``call``: probation's simulation, DNS discovery's verdict, a rollback's tables). On a core
+it shares with the loop, the child steps aside every 0.5 ms of work (``gil.courteous``), and
+its heap of imported code is frozen (a full collection over it held the core 9-14 ms), so
+the loop seldom waits for it longer than a scheduler tick; it dies with its parent.
 
 What the child answers, the parent raises or returns exactly as ``check_file`` would: the same
 ConfigError, UnreadableConfig or Refused with the same lines. A config whose check kills the
@@ -23,22 +25,27 @@ import asyncio
 import gc
 import logging
 import os
+import pickle
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from balancer.config import ConfigError, UnreadableConfig
+from balancer.fleet import prepare_pools
 from balancer.gil import courteous
 from balancer.loading import Applied, Refused, check_file, import_strategies
-from balancer.pool import Pool, PreparedPool
+from balancer.pool import PreparedPool
 from balancer.wire import die_with_parent, frame, read_message, read_message_from
 
 log = logging.getLogger("balancer.app")
 
-#: The check process's niceness above its parent's: on a core it shares with the serving
-#: loop it yields at once when a request wakes the loop.
-NICE = 10
+#: The check process's niceness above its parent's. Its courtesy (a 0.5 ms pause after each
+#: 0.5 ms of work) already bounds how long the loop waits for it; a lower priority only
+#: stretched the check: at 10, on one saturated core, a reload took 5 s, not 1 s, and the
+#: machine's own stalls (10-25 ms, as often without a reload) fell in that longer window.
+NICE = 0
 #: A check process unused this long exits (seconds); the next reload starts another.
 IDLE = 600.0
 #: The longest a check may take (seconds): one stuck (a plug-in's endless loop) is stopped
@@ -50,6 +57,7 @@ _START = ("import sys; sys.path.insert(0, sys.argv[1]); "
           "from balancer.checker import main; sys.exit(main())")
 
 Prepared = dict[str, PreparedPool]
+T = TypeVar("T")
 
 
 class CheckFailed(Exception):
@@ -58,7 +66,7 @@ class CheckFailed(Exception):
 
 
 class Checker:
-    """The serving process's side: one check at a time, through one child process."""
+    """The serving process's side: one request at a time, through one child process."""
 
     def __init__(self) -> None:
         self._proc: asyncio.subprocess.Process | None = None
@@ -68,19 +76,9 @@ class Checker:
     async def check(self, path: str) -> tuple[Applied, Prepared | None]:
         """``check_file(path)`` and each pool's ``Pool.prepare``, done in the child. Raises
         what ``check_file`` raises, or CheckFailed."""
-        async with self._lock:
-            if self._idle is not None:
-                self._idle.cancel()
-            try:
-                proc = await self._started()
-            except OSError as exc:
-                log.warning("reload: cannot start the check process (%s): checking in a "
-                            "thread of this one", exc)
-                return await asyncio.to_thread(check_file, path), None
-            try:
-                reply = await self._ask(proc, path)
-            finally:
-                self._idle = asyncio.get_running_loop().call_later(IDLE, self._stop_idle)
+        reply = await self._request({"check": path})
+        if reply is None:
+            return await asyncio.to_thread(check_file, path), None
         if "applied" in reply:
             applied: Applied = reply["applied"]
             try:  # the pools are built here: their strategies must be importable here too
@@ -93,12 +91,46 @@ class Checker:
         if "invalid" in reply:
             unreadable, problems, source = reply["invalid"]
             raise (UnreadableConfig if unreadable else ConfigError)(problems, source)
-        if "unsendable" in reply:
-            log.warning("reload: the check's result cannot be sent between processes (%s): "
-                        "checking in a thread of this one", reply["unsendable"])
-            return await asyncio.to_thread(check_file, path), None
         log.error("reload: checking %s failed:\n%s", path, reply["trace"].rstrip())
         raise CheckFailed(reply["failed"])
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the child: the guard's other computations (probation's simulation,
+        DNS discovery's verdict, a rollback's tables), so they too leave the loop's GIL alone.
+        ``fn`` is a module-level function; what it raises is raised here (CheckFailed when the
+        child died or the exception cannot travel). In a thread when there is no child, or when
+        the arguments or the result cannot be pickled."""
+        reply = await self._request({"call": (fn, args)})
+        if reply is None:
+            return await asyncio.to_thread(fn, *args)
+        if "result" in reply:
+            result: T = reply["result"]
+            return result
+        if "raised" in reply:
+            raise reply["raised"]
+        log.error("%s failed in the check process:\n%s", fn.__name__, reply["trace"].rstrip())
+        raise CheckFailed(reply["failed"])
+
+    async def _request(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The child's reply to ``message``; None when it must be done here instead."""
+        async with self._lock:
+            if self._idle is not None:
+                self._idle.cancel()
+            try:
+                proc = await self._started()
+            except OSError as exc:
+                log.warning("cannot start the check process (%s): checking in a thread of "
+                            "this one", exc)
+                return None
+            try:
+                reply = await self._ask(proc, message)
+            finally:
+                self._idle = asyncio.get_running_loop().call_later(IDLE, self._stop_idle)
+        if "unsendable" in reply:
+            log.warning("the check process cannot send what was asked (%s): computing it in a "
+                        "thread of this one", reply["unsendable"])
+            return None
+        return reply
 
     async def _started(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:
@@ -107,10 +139,15 @@ class Checker:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         return self._proc
 
-    async def _ask(self, proc: asyncio.subprocess.Process, path: str) -> dict[str, Any]:
+    async def _ask(self, proc: asyncio.subprocess.Process,
+                   message: dict[str, Any]) -> dict[str, Any]:
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            proc.stdin.write(frame({"check": path, "sys_path": list(sys.path)}))
+            try:
+                data = frame({**message, "sys_path": list(sys.path)})
+            except Exception as exc:  # arguments pickle cannot send
+                return {"unsendable": f"{type(exc).__name__}: {exc}"}
+            proc.stdin.write(data)
             await proc.stdin.drain()
             reply: dict[str, Any] = await asyncio.wait_for(read_message(proc.stdout), TIMEOUT)
             return reply
@@ -170,8 +207,7 @@ def answer(path: str) -> dict[str, Any]:
     except Exception as exc:  # a plug-in's bug: the parent logs the trace and refuses
         return {"failed": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     try:
-        prepared: Prepared | None = {name: Pool.prepare(pool)
-                                     for name, pool in applied.config.pools.items()}
+        prepared: Prepared | None = prepare_pools(applied.config)
     except Exception:  # a plug-in's precompute: the parent's fleet builds it, and says why
         prepared = None
     return {"applied": applied, "prepared": prepared}
@@ -186,10 +222,11 @@ def main() -> int:
     courteous()
     gc.collect()
     gc.freeze()  # the imported code is never garbage: a full collection over it took 9-14 ms
-    try:
-        os.nice(NICE)
-    except OSError:  # pragma: no cover - not allowed: the same priority, still another GIL
-        pass
+    if NICE:
+        try:
+            os.nice(NICE)
+        except OSError:  # pragma: no cover - not allowed: the same priority, another GIL
+            pass
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a plug-in's print() goes to stderr, never into a reply
@@ -198,9 +235,30 @@ def main() -> int:
             request = read_message_from(requests)
         except EOFError:
             return 0
-        sys.path[:] = request["sys_path"]
-        replies.write(_framed(answer(request["check"])))
+        except Exception as exc:  # a function or value this process cannot import
+            reply: dict[str, Any] = {"unsendable": f"{type(exc).__name__}: {exc}"}
+        else:
+            sys.path[:] = request["sys_path"]
+            if "check" in request:
+                reply = answer(request["check"])
+            else:
+                reply = result_of(*request["call"])
+        replies.write(_framed(reply))
         replies.flush()
+
+
+def result_of(fn: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Any]:
+    """``fn(*args)`` as a reply: its result, or what it raised (as itself when pickle can
+    carry it back unchanged, else as text)."""
+    try:
+        return {"result": fn(*args)}
+    except Exception as exc:
+        try:
+            if type(pickle.loads(pickle.dumps(exc))) is type(exc):
+                return {"raised": exc}
+        except Exception:  # an exception pickle cannot rebuild
+            pass
+        return {"failed": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
 
 
 def _framed(reply: dict[str, Any]) -> bytes:
@@ -210,4 +268,7 @@ def _framed(reply: dict[str, Any]) -> bytes:
     except Exception as exc:  # whatever pickle raises on a plug-in's data
         if reply.get("prepared") is not None:
             return _framed({**reply, "prepared": None})
+        if "raised" in reply:  # rebuilt, but with something pickle cannot send
+            raised = reply["raised"]
+            return frame({"failed": f"{type(raised).__name__}: {raised}", "trace": ""})
         return frame({"unsendable": f"{type(exc).__name__}: {exc}"})

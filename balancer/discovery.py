@@ -377,7 +377,7 @@ class DiscoveryService:
             return None
         candidate = with_addresses(live, entry, addresses)
         alone = replace(config, pools=MappingProxyType({pool: candidate}))
-        verdict = await asyncio.to_thread(evaluate, alone)
+        verdict = await app.compute(evaluate, alone)  # in the check process (checker.py)
         added = sorted(set(addresses) - before, key=_ip_order)
         removed = sorted(before - set(addresses), key=_ip_order)
         change = _describe(added, removed)

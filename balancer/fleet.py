@@ -1,9 +1,9 @@
 """The live Pool and Backend objects, rebuilt for each config while keeping what stays.
 
 A reload, a rollback or a discovery change goes in two steps. ``prepare`` does everything
-costly — the strategies' tables and cycles (``Pool.prepare``, which a reload's check process
-has done already: balancer/checker.py) and the TLS contexts to ``https://`` backends — in a
-worker thread, from the config alone, while the loop serves.
+costly from the config alone, while the loop serves: the strategies' tables and cycles
+(``Pool.prepare``, built in the check process, balancer/checker.py: by the reload's check, or
+asked by ``plan``) and the TLS contexts to ``https://`` backends (in a worker thread).
 ``apply`` then swaps the new pools in, in one synchronous step with no heavy work (no await,
 so the event loop never runs a request against half of it). A server that stays keeps its
 Backend object (health, counters, pooled connections), a pool that stays keeps its Pool
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,15 @@ class Plan:
     pools: dict[str, PreparedPool] = field(default_factory=dict)
 
 
+#: Runs a blocking function off the loop: ``await compute(fn, *args)`` (App.compute).
+Compute = Callable[..., Awaitable[Any]]
+
+
+def prepare_pools(config: Config, skip: Container[str] = ()) -> dict[str, PreparedPool]:
+    """Each pool's strategy tables (``Pool.prepare``) for ``config``, but those in ``skip``."""
+    return {name: Pool.prepare(pool) for name, pool in config.pools.items() if name not in skip}
+
+
 class Fleet:
     """Every pool's Backend objects, kept across configs by their slot."""
 
@@ -55,13 +65,22 @@ class Fleet:
         self.pools: dict[str, Pool] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
+    async def plan(self, config: Config, compute: Compute) -> Plan:
+        """``prepare`` for a change the reload's check did not build: the strategies' tables
+        through ``compute`` (the check process, balancer/checker.py), or here in ``prepare``
+        when it cannot build them."""
+        try:
+            prepared = await compute(prepare_pools, config)
+        except Exception:  # a plug-in's bug, or one the check process cannot import
+            prepared = None
+        return await asyncio.to_thread(self.prepare, config, prepared)
+
     @staticmethod
     def prepare(config: Config, prepared: dict[str, PreparedPool] | None = None) -> Plan:
         """Build what applying ``config`` needs, off the event loop (blocking: call it in a
         worker thread), taking each pool's strategies from ``prepared`` when the check process
         built them (balancer/checker.py). Reads the config only, never the live objects."""
-        pools = {name: prepared[name] if prepared is not None and name in prepared
-                 else Pool.prepare(pool) for name, pool in config.pools.items()}
+        pools = {**prepare_pools(config, skip=prepared or {}), **(prepared or {})}
         for pool in config.pools.values():
             for backend in pool.backends:
                 try:  # tls.backend_context keeps one SSLContext per setting: load it now

@@ -1,8 +1,8 @@
 """Sharing the CPU with the event loop while a long check computes beside it.
 
-A reload's check (the guard's simulation) and its hash tables are computed in a child process
-(balancer/checker.py), or in a worker thread when there is none, as DNS discovery's check and
-probation's simulation still are. In a thread, pure Python that never blocks keeps the GIL
+A reload's check (the guard's simulation) and its hash tables, probation's simulation and DNS
+discovery's verdict are computed in a child process (balancer/checker.py), or in a worker
+thread when there is none. In a thread, pure Python that never blocks keeps the GIL
 until the interpreter's switch interval (5 ms) forces it out, and only then does the loop get
 it back, for each of its wake-ups: requests stalled 10-30 ms a reload (bench/reloadstall.py).
 In a child process on the loop's core, the kernel lets it run until its next tick (4 ms here).

@@ -80,6 +80,9 @@ class StandIn:
         self.reloads["applied" if self.next.applied else "refused"] += 1
         return self.next
 
+    async def compute(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
     async def apply_change(self, change: Any, source: object = None) -> bool:
         return False  # no discovery here
 

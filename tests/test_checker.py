@@ -10,6 +10,7 @@ drain, and dies with its parent.
 from __future__ import annotations
 
 import asyncio
+import operator
 import os
 import signal
 import time
@@ -188,3 +189,15 @@ async def test_tables_that_cannot_be_sent_are_built_here(app: App, tmp_path: Pat
     assert result.applied, result.problems
     assert type(app.pools["web"].strategy).__name__ == "Local"
     assert [b.weight for b in app.pools["web"].backends] == [1, 2, 1]
+
+
+async def test_the_guards_other_work_runs_there_and_answers_as_here(app: App) -> None:
+    from balancer.loading import top_share
+
+    pool = app.config.pools["web"]
+    assert await app.compute(top_share, app.config, pool) == top_share(app.config, pool)
+    pid = child_pid(app)
+    with pytest.raises(KeyError):  # what the function raises is raised here, as itself
+        await app.compute(operator.getitem, {}, "missing")
+    assert await app.compute(lambda: os.getpid()) == os.getpid()  # pickle cannot send it
+    assert child_pid(app) == pid

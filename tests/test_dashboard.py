@@ -173,6 +173,9 @@ class Live:
     async def reload(self) -> Any:
         raise AssertionError("the dashboard never reloads")
 
+    async def compute(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
     async def apply_change(self, change: Any, source: object = None) -> bool:
         return False
 

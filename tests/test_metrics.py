@@ -45,7 +45,7 @@ def make_app(clock: Clock, **pool: Any) -> SimpleNamespace:
                           state=None, reloads={"applied": 2, "refused": 1}, rollbacks=0,
                           reload_events=[], probation=None, config_text=None,
                           config_sha256=None, config_applied_at=None, started_at=1.0,
-                          workers=(), reload=_never, apply_change=_never)
+                          workers=(), reload=_never, apply_change=_never, compute=_never)
     assert isinstance(app, AppView)  # what the metrics read, no getattr fallback
     return app
 
