@@ -112,7 +112,7 @@ class App:
         self.services: list[Service] = self._build_services()
         self._started: list[Service] = []
         self._reload_lock = asyncio.Lock()
-        self.checker = Checker()  # a reload's check, in a child process (balancer/checker.py)
+        self.checker = Checker(config_path)  # a reload's check in a child (balancer/checker.py)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._draining = False
         # TLS on ``listen`` (balancer/tls.py); a reload loads renewed files into it in place.

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from balancer.config import ConfigError, UnreadableConfig
 from balancer.fleet import prepare_pools
 from balancer.gil import courteous
-from balancer.loading import Applied, Refused, check_file, import_strategies
+from balancer.loading import Applied, Refused, beside, check_file, import_strategies
 from balancer.pool import PreparedPool
 from balancer.wire import die_with_parent, frame, read_message, read_message_from
 
@@ -68,7 +68,9 @@ class CheckFailed(Exception):
 class Checker:
     """The serving process's side: one request at a time, through one child process."""
 
-    def __init__(self) -> None:
+    def __init__(self, config_path: str = "") -> None:
+        #: Plug-ins next to this file are importable in ``call``s too (its directory).
+        self.config_path = config_path
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._idle: asyncio.TimerHandle | None = None
@@ -100,7 +102,7 @@ class Checker:
         ``fn`` is a module-level function; what it raises is raised here (CheckFailed when the
         child died or the exception cannot travel). In a thread when there is no child, or when
         the arguments or the result cannot be pickled."""
-        reply = await self._request({"call": (fn, args)})
+        reply = await self._request({"call": (fn, args), "beside": self.config_path})
         if reply is None:
             return await asyncio.to_thread(fn, *args)
         if "result" in reply:
@@ -122,8 +124,9 @@ class Checker:
                 log.warning("cannot start the check process (%s): checking in a thread of "
                             "this one", exc)
                 return None
-            try:
-                reply = await self._ask(proc, message)
+            try:  # what comes back may hold a plug-in's objects: importable here meanwhile
+                with beside(self.config_path or message.get("check") or "."):
+                    reply = await self._ask(proc, message)
             finally:
                 self._idle = asyncio.get_running_loop().call_later(IDLE, self._stop_idle)
         if "unsendable" in reply:
@@ -242,7 +245,8 @@ def main() -> int:
             if "check" in request:
                 reply = answer(request["check"])
             else:
-                reply = result_of(*request["call"])
+                with beside(request["beside"] or "."):
+                    reply = result_of(*request["call"])
         replies.write(_framed(reply))
         replies.flush()
 

@@ -96,7 +96,7 @@ def read_config(path: str | Path) -> str:
 
 
 @contextmanager
-def _beside(path: str | Path) -> Iterator[None]:
+def beside(path: str | Path) -> Iterator[None]:
     """Plug-in strategies ("module:Class") may sit next to the config file: its directory on
     ``sys.path`` meanwhile. Appended, not prepended, so that a file there never shadows an
     installed module."""
@@ -115,14 +115,14 @@ def parse_config_text(text: str, path: str | Path) -> Config:
     """Parse the YAML ``text`` read from ``path`` (plug-ins may sit next to it)."""
     source = str(path)
     data = parse_yaml(text, source)
-    with _beside(path):
+    with beside(path):
         return parse_config(data, source)
 
 
 def import_strategies(config: Config, path: str | Path) -> None:
     """Import the strategies ``config`` (read from ``path``) names, as its check did, in a
     process that did not check it (balancer/checker.py): plug-ins next to the file too."""
-    with _beside(path):
+    with beside(path):
         for pool in config.pools.values():
             resolve_strategy(pool.strategy.name)
 

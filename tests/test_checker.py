@@ -201,3 +201,22 @@ async def test_the_guards_other_work_runs_there_and_answers_as_here(app: App) ->
         await app.compute(operator.getitem, {}, "missing")
     assert await app.compute(lambda: os.getpid()) == os.getpid()  # pickle cannot send it
     assert child_pid(app) == pid
+
+
+async def test_a_plugins_own_objects_travel_and_its_simulation_runs_there(
+        app: App, tmp_path: Path) -> None:
+    # Tables of a class the plug-in defines: unpickled here, where the module sits next to
+    # the config, not on sys.path; probation's simulation of it runs in the child.
+    plugin(tmp_path, "table_plugin", "Tabled", "@classmethod",
+           "def precompute(cls, members, options):",
+           "    table = super().precompute(members, options)",
+           "    return None if table is None else Table(table)",
+           imports="class Table(list):\n    pass\n\n")
+    write_config(Path(app.config_path), config([1, 2, 1], strategy="table_plugin:Tabled"))
+    result = await app.reload()
+    assert result.applied, result.problems
+    assert type(app.pools["web"].strategy).__name__ == "Tabled"
+    from balancer.loading import top_share
+
+    pool = app.config.pools["web"]
+    assert await app.compute(top_share, app.config, pool) == pytest.approx(0.5, abs=0.05)
