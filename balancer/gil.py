@@ -35,17 +35,17 @@ _perf_counter = time.perf_counter
 
 class _Due(threading.local):
     at = 0.0  # perf_counter time of this thread's next step aside
+    courteous = False  # set by ``courteous()``: steps aside even as the main thread
 
 
 _due = _Due()
-_courteous = [False]  # set by ``courteous()``: the main thread steps aside too
 
 
 def courteous() -> None:
-    """Make ``give_way`` step aside in the main thread too: a process that computes for the
-    serving process (balancer/checker.py) and may share its core, so that the loop never
+    """Make ``give_way`` step aside in this (main) thread too: a process that computes for
+    the serving process (balancer/checker.py) and may share its core, so that the loop never
     waits for it longer than ``SLICE`` (the kernel alone would let it run a whole tick)."""
-    _courteous[0] = True
+    _due.courteous = True
     _due.at = 0.0
 
 
@@ -54,7 +54,7 @@ def give_way() -> None:
     process) that has computed for ``SLICE`` since it last did."""
     if _perf_counter() < _due.at:
         return
-    if threading.current_thread() is _MAIN and not _courteous[0]:
+    if threading.current_thread() is _MAIN and not _due.courteous:
         _due.at = float("inf")  # never again in this thread
         return
     time.sleep(PAUSE)

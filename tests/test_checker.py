@@ -220,3 +220,29 @@ async def test_a_plugins_own_objects_travel_and_its_simulation_runs_there(
 
     pool = app.config.pools["web"]
     assert await app.compute(top_share, app.config, pool) == pytest.approx(0.5, abs=0.05)
+
+
+def test_the_check_process_steps_aside_in_its_main_thread() -> None:
+    """``gil.courteous`` (what the child calls first): in the main thread ``give_way`` then
+    pauses after each ``SLICE`` of work, where by default it never does there."""
+    import subprocess
+    import sys
+
+    code = ("import time\n"
+            "from balancer import gil\n"
+            "pauses = []\n"
+            "gil.time.sleep = pauses.append  # count the steps aside instead of taking them\n"
+            "def busy():\n"
+            "    pauses.clear()\n"
+            "    start = time.perf_counter()\n"
+            "    while time.perf_counter() - start < 0.05:\n"
+            "        gil.give_way()\n"
+            "    return len(pauses)\n"
+            "alone = busy()\n"
+            "gil.courteous()\n"
+            "print(alone, busy())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.split()
+    alone, courteous = map(int, out)
+    assert alone == 0  # the main thread of any other process never steps aside
+    assert courteous >= 20  # 50 ms of work: a step aside after each 0.5 ms slice
