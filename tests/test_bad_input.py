@@ -16,20 +16,11 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import pytest
-import uvloop
 
 from balancer.proxy import ProxySettings
 from tests.support.hardening import Parsed, ParsingBackend, parsing_backend, record
+from tests.support.on_uvloop import event_loop_policy, pytestmark  # noqa: F401
 from tests.support.proxy import RawClient, RunningProxy, pool_of, run_proxy
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Overriding the \"event_loop_policy\" fixture is deprecated")
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
-
 
 SETTINGS = ProxySettings(max_body_size=1000, max_url_size=2000, max_header_size=8000,
                          max_headers=50)

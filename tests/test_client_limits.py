@@ -18,23 +18,14 @@ from typing import AsyncIterator
 
 import aiohttp
 import pytest
-import uvloop
 
 from balancer.proxy import ProxySettings, default_max_clients
 from tests.support.backends import RawBackend, raw_backend, special_app
 from tests.support.hardening import ParsingBackend, parsing_backend, record
 from tests.support.net import free_port, run_app
+from tests.support.on_uvloop import event_loop_policy, pytestmark  # noqa: F401
 from tests.support.proc import BalancerProcess, pool_config, write_config
 from tests.support.proxy import RawClient, RunningProxy, pool_of, run_proxy
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Overriding the \"event_loop_policy\" fixture is deprecated")
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
-
 
 LIMIT = 0.5  # seconds: every client timeout in this module
 SLACK = 2.5  # ...and how late a cut may come on a busy machine

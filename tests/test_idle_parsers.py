@@ -14,22 +14,14 @@ from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import pytest
-import uvloop
 
 from balancer import proxy
 from balancer.http1.request import IDLE_PARSER, RequestParser
 from balancer.proxy import ClientConnection
 from tests.support.backends import special_app
 from tests.support.net import name_app, run_app
+from tests.support.on_uvloop import event_loop_policy, pytestmark  # noqa: F401
 from tests.support.proxy import RawClient, RunningProxy, pool_of, run_proxy
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Overriding the \"event_loop_policy\" fixture is deprecated")
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
 
 
 @pytest.fixture

@@ -10,23 +10,14 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-import uvloop
 
 from balancer.config import RouteConfig
 from balancer.proxy import ProxySettings
 from balancer.router import Router
 from tests.support.backends import GATE, special_app
 from tests.support.net import name_app, run_app
+from tests.support.on_uvloop import event_loop_policy, pytestmark  # noqa: F401
 from tests.support.proxy import RawClient, pool_of, run_proxy
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Overriding the \"event_loop_policy\" fixture is deprecated")
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    """uvloop, as ``balancer run`` uses (``test_proxy_asyncio.py`` covers the stock loop)."""
-    return uvloop.EventLoopPolicy()
 
 
 @pytest.fixture
