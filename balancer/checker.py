@@ -68,7 +68,7 @@ class CheckFailed(Exception):
 class Checker:
     """The serving process's side: one request at a time, through one child process."""
 
-    def __init__(self, config_path: str = "") -> None:
+    def __init__(self, config_path: str) -> None:
         #: Plug-ins next to this file are importable in ``call``s too (its directory).
         self.config_path = config_path
         self._proc: asyncio.subprocess.Process | None = None
@@ -125,7 +125,7 @@ class Checker:
                             "this one", exc)
                 return None
             try:  # what comes back may hold a plug-in's objects: importable here meanwhile
-                with beside(self.config_path or message.get("check") or "."):
+                with beside(self.config_path):
                     reply = await self._ask(proc, message)
             finally:
                 self._idle = asyncio.get_running_loop().call_later(IDLE, self._stop_idle)
@@ -245,7 +245,7 @@ def main() -> int:
             if "check" in request:
                 reply = answer(request["check"])
             else:
-                with beside(request["beside"] or "."):
+                with beside(request["beside"]):
                     reply = result_of(*request["call"])
         replies.write(_framed(reply))
         replies.flush()
