@@ -26,6 +26,7 @@ import gc
 import logging
 import os
 import pickle
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -71,9 +72,10 @@ class Checker:
     def __init__(self, config_path: str) -> None:
         #: Plug-ins next to this file are importable in ``call``s too (its directory).
         self.config_path = config_path
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | None = None
         self._lock = asyncio.Lock()
         self._idle: asyncio.TimerHandle | None = None
+        self._reaped: asyncio.Future[int] | None = None  # the idle child's exit
 
     async def check(self, path: str) -> tuple[Applied, Prepared | None]:
         """``check_file(path)`` and each pool's ``Pool.prepare``, done in the child. Raises
@@ -135,16 +137,12 @@ class Checker:
             return None
         return reply
 
-    async def _started(self) -> asyncio.subprocess.Process:
+    async def _started(self) -> Child:
         if self._proc is None or self._proc.returncode is not None:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _START, _ROOT,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            self._proc = await Child.start(sys.executable, "-c", _START, _ROOT)
         return self._proc
 
-    async def _ask(self, proc: asyncio.subprocess.Process,
-                   message: dict[str, Any]) -> dict[str, Any]:
-        assert proc.stdin is not None and proc.stdout is not None
+    async def _ask(self, proc: Child, message: dict[str, Any]) -> dict[str, Any]:
         try:
             try:
                 data = frame({**message, "sys_path": list(sys.path)})
@@ -172,8 +170,9 @@ class Checker:
     def _stop_idle(self) -> None:
         self._idle = None
         proc, self._proc = self._proc, None
-        if proc is not None and proc.stdin is not None:
+        if proc is not None:
             proc.stdin.close()  # end of file: the child exits
+            self._reaped = asyncio.ensure_future(proc.wait())  # and leaves no zombie
 
     async def close(self) -> None:
         """Stop the child (at the end of a drain)."""
@@ -183,13 +182,52 @@ class Checker:
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
             return
-        if proc.stdin is not None:
-            proc.stdin.close()
+        proc.stdin.close()
         try:
             await asyncio.wait_for(proc.wait(), 2.0)
         except asyncio.TimeoutError:  # in the middle of a long check: not needed any more
             proc.kill()
             await proc.wait()
+
+
+class Child:
+    """The check process and its two pipes on the loop.
+
+    Started by ``subprocess.Popen``, which uses vfork (~0.5 ms here), not by the loop's
+    ``subprocess_exec``: uvloop's fork copies the serving process's page tables and held the
+    loop 2-7 ms at the first reload (bench/reloadstall.py --sentinel)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdin: asyncio.StreamWriter,
+                 stdout: asyncio.StreamReader) -> None:
+        self.popen, self.pid, self.stdin, self.stdout = popen, popen.pid, stdin, stdout
+
+    @classmethod
+    async def start(cls, *argv: str) -> Child:
+        popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert popen.stdin is not None and popen.stdout is not None
+        loop = asyncio.get_running_loop()
+        try:
+            stdout = asyncio.StreamReader()
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout),
+                                         popen.stdout)
+            sink, protocol = await loop.connect_write_pipe(
+                lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin)
+        except BaseException:
+            popen.kill()
+            popen.wait()
+            raise
+        return cls(popen, asyncio.StreamWriter(sink, protocol, None, loop), stdout)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+    async def wait(self) -> int:
+        """Its exit status (negative: the signal that ended it), reaped in a thread."""
+        return await asyncio.to_thread(self.popen.wait)
 
 
 def _exit(code: int) -> str:

@@ -4,7 +4,7 @@ The serving process sends the path and gets back the checked config with its tab
 check refuses is refused with the same lines as ``check_file`` (and ``balancer check``) says.
 A plug-in next to the config loads in both processes. A check that kills the child refuses the
 reload and leaves the proxy serving; the next reload starts a new child. The child ends with a
-drain, and dies with its parent.
+drain, exits when idle (reaped: no zombie), and dies with its parent.
 """
 
 from __future__ import annotations
@@ -159,6 +159,23 @@ async def test_the_child_ends_with_a_drain(app: App) -> None:
     await app.start()
     await app.drain(1.0)
     assert await gone(pid)
+
+
+async def test_an_idle_child_exits_and_is_reaped(app: App,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import balancer.checker
+
+    monkeypatch.setattr(balancer.checker, "IDLE", 0.2)
+    write_config(Path(app.config_path), config([1, 2, 1]))
+    assert (await app.reload()).applied
+    pid = child_pid(app)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "the idle check process is left a zombie"
+    write_config(Path(app.config_path), config([2, 1, 1]))
+    assert (await app.reload()).applied  # the next reload starts another
+    assert child_pid(app) != pid
 
 
 async def test_the_child_dies_with_balancer_run(tmp_path: Path) -> None:
