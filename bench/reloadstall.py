@@ -1,7 +1,7 @@
 """The event loop's longest stall while a reload rebuilds a 16-backend consistent_hash pool.
 
     python bench/reloadstall.py [--src DIR ...] [--reloads N] [--connections C] [--rounds R]
-                                [--pin [--check-elsewhere]] [--trace]
+                                [--pin [--check-elsewhere] [--sentinel]] [--trace]
 
 For each checkout (``--src``, default this one) a child interpreter runs the real ``App`` of
 that checkout's ``balancer`` package on uvloop, as ``balancer run`` does: one
@@ -24,12 +24,22 @@ done; a load that ended before them fails the run).
 100 ms after, the control) and what the loop's thread did meanwhile: ran (its CPU time),
 waited for this machine's CPU behind another task (its run-queue time: the check process,
 say), or neither (a virtual CPU its host descheduled, which the guest cannot see).
+
+``--sentinel`` (with ``--pin``) tells the machine's stalls from the proxy's own. A third process
+on the proxy's CPU, at real-time priority (SCHED_FIFO: it preempts whatever that CPU runs, the
+proxy and the check process included), sleeps 1 ms at a time as the probe does and notes when
+it wakes late: then the CPU itself was away (a virtual CPU its host descheduled; on this VM an
+idle machine's sleeper is 6-23 ms late about once a minute, and a busy loop loses 8-16 ms
+several times in 20 s, with nothing else runnable). Each of the probe's waits, less the part
+the sentinel was late too, is the proxy's own stall: its loop busy, or queued behind the check
+process. A proxy made to busy-loop 10 ms every 200 ms shows 10.1 ms of its own in every one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import gc
 import json
 import logging
@@ -49,6 +59,7 @@ BACKENDS = 16
 PROBE = 0.001  # seconds between probe wake-ups
 clock = time.perf_counter  # the probe's and the phases' clock (uvloop's loop.time() is in ms)
 LATE = 0.005  # --trace: wake-ups later than this are placed in a phase of the reload
+NOTE = 0.0005  # --sentinel: waits later than this are kept, the probe's and the sentinel's
 
 
 def free_ports(n: int) -> list[int]:
@@ -120,6 +131,8 @@ class Probe:
         #: waiting for this machine's CPU meanwhile) of every wake-up later than ``LATE``
         #: (for --trace), in seconds on ``clock``.
         self.late: list[tuple[float, float, float, float]] = []
+        #: (due, woken) of every wake-up later than ``NOTE`` (for --sentinel), on ``clock``.
+        self.waits: list[tuple[float, float]] = []
 
     def reset(self) -> float:
         worst, self.worst = self.worst, 0.0
@@ -133,13 +146,15 @@ class Probe:
             late = clock() - start - PROBE
             if late > self.worst:
                 self.worst = late
+            if late > NOTE:
+                self.waits.append((start + PROBE, start + PROBE + late))
             if late > LATE:
                 self.late.append((start + PROBE + late, late, cpu() - used,
                                   run_delay() - waited))
 
 
 async def measure(reloads: int, connections: int, pin: bool = False,
-                  check_elsewhere: bool = False) -> dict[str, Any]:
+                  check_elsewhere: bool = False, sentinel: bool = False) -> dict[str, Any]:
     from balancer.app import App  # the checkout on PYTHONPATH
 
     # --pin: the proxy (its loop and its reload thread) on the first CPU, the backends and the
@@ -165,6 +180,12 @@ async def measure(reloads: int, connections: int, pin: bool = False,
                                     *map(str, backends)], stdout=subprocess.PIPE,
                                    preexec_fn=elsewhere)
         load: asyncio.subprocess.Process | None = None
+        watch: subprocess.Popen[str] | None = None
+        budget = 30.0 + reloads * 20.0  # stopped (SIGTERM) when the reloads are done
+        if sentinel:
+            watch = subprocess.Popen([sys.executable, __file__, "--sentinel-child",
+                                      str(cpus[0]), str(budget + 30)],
+                                     stdout=subprocess.PIPE, text=True)
         app = None
         try:
             assert backend.stdout is not None and b"ready" in backend.stdout.readline()
@@ -178,7 +199,6 @@ async def measure(reloads: int, connections: int, pin: bool = False,
             probe, collections = Probe(), Collections()
             loop = asyncio.get_running_loop()
             probe_task = loop.create_task(probe.run())
-            budget = 30.0 + reloads * 20.0  # stopped (SIGTERM) when the reloads are done
             load = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "pyload.py"), f"http://127.0.0.1:{port}/",
                 "-c", str(connections), "-d", str(budget), stdout=subprocess.PIPE,
@@ -188,6 +208,8 @@ async def measure(reloads: int, connections: int, pin: bool = False,
             await asyncio.sleep(1.0)
             baseline = probe.reset()
             stalls, took, pauses, quiet = [], [], [], []
+            windows: list[tuple[float, float]] = []  # (start, end) of each reload's window
+            controls: list[tuple[float, float]] = []  # and of each control window
             # --trace: (phase, start, end) on ``clock``, to place each late wake-up.
             phases: list[tuple[str, float, float]] = []
             checked = [0.0]
@@ -227,6 +249,7 @@ async def measure(reloads: int, connections: int, pin: bool = False,
                 if not result.applied:
                     raise SystemExit(f"reload refused: {result.problems}")
                 await asyncio.sleep(0.1)
+                windows.append((begun, clock()))
                 stalls.append(probe.reset())
                 pauses.append(collections.reset())
                 await asyncio.sleep(0.3)
@@ -235,6 +258,7 @@ async def measure(reloads: int, connections: int, pin: bool = False,
                 begun = clock()
                 await asyncio.sleep(took[-1] + 0.1)
                 phases.append(("control", begun, clock()))
+                controls.append(phases[-1][1:])
                 quiet.append(probe.reset())
             probe.running = False
             await probe_task
@@ -243,9 +267,15 @@ async def measure(reloads: int, connections: int, pin: bool = False,
             load.send_signal(signal.SIGTERM)
             out, _ = await asyncio.wait_for(load.communicate(), 40)
             traffic = json.loads(out)
+            machine: dict[str, Any] = {}
+            if watch is not None:
+                watch.send_signal(signal.SIGTERM)
+                machine = json.loads(watch.communicate(timeout=10)[0])
         finally:
             if load is not None and load.returncode is None:
                 load.kill()
+            if watch is not None and watch.returncode is None:
+                watch.kill()
             if app is not None:
                 await app.drain(1.0)
             backend.send_signal(signal.SIGTERM)
@@ -253,18 +283,83 @@ async def measure(reloads: int, connections: int, pin: bool = False,
     return {"baseline_ms": baseline * 1000, "stalls_ms": [s * 1000 for s in stalls],
             "quiet_ms": [q * 1000 for q in quiet],
             "reload_ms": [t * 1000 for t in took], "gc_ms": [(p * 1000, g) for p, g in pauses],
-            "rps": traffic["rps"], "trace": trace(phases, probe.late, collections.long),
-            "errors": traffic["errors"] + traffic["non2xx"]}
+            "rps": traffic["rps"],
+            "trace": trace(phases, probe.late, collections.long, Away(machine)),
+            "errors": traffic["errors"] + traffic["non2xx"],
+            **(own_stalls(probe.waits, machine, windows, stalls, controls, quiet)
+               if machine else {})}
+
+
+class Away:
+    """The sentinel's late wake-ups: the spans in which the proxy's CPU itself was away."""
+
+    def __init__(self, machine: dict[str, Any]) -> None:
+        self.late = sorted((a, b) for a, b in machine.get("late", []))
+        self._ends = [b for _, b in self.late]
+
+    def during(self, due: float, woken: float) -> float:
+        """Seconds of (due, woken) in which the sentinel was late too."""
+        covered, i = 0.0, bisect.bisect_right(self._ends, due)
+        while i < len(self.late) and self.late[i][0] < woken:
+            covered += max(0.0, min(woken, self.late[i][1]) - max(due, self.late[i][0]))
+            i += 1
+        return covered
+
+
+def own_stalls(waits: list[tuple[float, float]], machine: dict[str, Any],
+               windows: list[tuple[float, float]], stalls: list[float],
+               controls: list[tuple[float, float]], quiet: list[float]) -> dict[str, Any]:
+    """--sentinel: each window's longest wait less the part the sentinel was late too (ms).
+
+    A window whose waits were all under ``NOTE`` keeps its own worst (``stalls``/``quiet``)."""
+    away = Away(machine)
+
+    def worst(spans: list[tuple[float, float]], raw: list[float]) -> list[float]:
+        out = []
+        for (start, end), whole in zip(spans, raw):
+            own = [woken - due - away.during(due, woken) for due, woken in waits
+                   if start <= woken < end]
+            out.append(1000 * (max(own) if own else whole))
+        return out
+
+    return {"own_ms": worst(windows, stalls), "own_quiet_ms": worst(controls, quiet),
+            "machine_ms": sorted((b - a) * 1000 for a, b in away.late if b - a > LATE),
+            "realtime": machine["realtime"]}
+
+
+def watch_cpu(cpu: int, seconds: float) -> None:
+    """--sentinel's process: on ``cpu`` at real-time priority, sleeps ``PROBE`` at a time and
+    prints (due, woken) of every wake-up later than ``NOTE``, as JSON, when told to stop
+    (SIGTERM) or after ``seconds``. No task of this machine can delay it, so it is late only
+    when the CPU is."""
+    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        realtime = True
+    except OSError:  # not root: then the guest's scheduler can delay it too
+        realtime = False
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    late: list[tuple[float, float]] = []
+    end = clock() + seconds
+    while not stop and clock() < end:
+        start = clock()
+        time.sleep(PROBE)
+        woken = clock()
+        if woken - start - PROBE > NOTE:
+            late.append((start + PROBE, woken))
+    print(json.dumps({"realtime": realtime, "late": late}), flush=True)
 
 
 def trace(phases: list[tuple[str, float, float]],
           late: list[tuple[float, float, float, float]],
-          collections: list[tuple[float, float]]) -> dict[str, Any]:
+          collections: list[tuple[float, float]], away: Away) -> dict[str, Any]:
     """Per phase: its seconds in all, and the wake-ups later than ``LATE`` in it (ms), each
     with the loop thread's CPU time in that wait (``cpu``: ~the wait when the loop was busy)
     and its time runnable while another task of this machine had the CPU (``queued``: the
     check process, say); a wait with neither was outside the machine (a virtual CPU
-    descheduled by its host). ``*``: a collection over 1 ms overlapped it."""
+    descheduled by its host; ``away``: the part --sentinel was late too). ``*``: a
+    collection over 1 ms overlapped it."""
     out: dict[str, Any] = {}
     for name, start, end in phases:
         entry = out.setdefault(name, {"seconds": 0.0, "late_ms": []})
@@ -272,8 +367,9 @@ def trace(phases: list[tuple[str, float, float]],
         for t, x, used, queued in late:
             if start <= t < end:
                 during = any(a < t and b > t - x for a, b in collections)
+                gone = f", away {away.during(t - x, t) * 1000:.1f}" if away.late else ""
                 entry["late_ms"].append(f"{x * 1000:.1f} (cpu {used * 1000:.1f}, queued "
-                                        f"{queued * 1000:.1f}){'*' if during else ''}")
+                                        f"{queued * 1000:.1f}{gone}){'*' if during else ''}")
     return out
 
 
@@ -281,7 +377,7 @@ def child(args: argparse.Namespace) -> None:
     import uvloop
 
     result = uvloop.run(measure(args.reloads, args.connections, args.pin,
-                                args.check_elsewhere))
+                                args.check_elsewhere, args.sentinel))
     print(json.dumps(result), flush=True)
 
 
@@ -300,8 +396,17 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true",
                     help="place each wake-up later than LATE in a phase (check, apply, the "
                     "100 ms after, the control)")
+    ap.add_argument("--sentinel", action="store_true",
+                    help="with --pin: a real-time sleeper on the proxy's CPU, to tell the "
+                    "machine's stalls (the CPU away) from the proxy's own")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sentinel-child", nargs=2, type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sentinel_child:
+        watch_cpu(int(args.sentinel_child[0]), args.sentinel_child[1])
+        return
+    if args.sentinel and not args.pin:
+        ap.error("--sentinel needs --pin (it watches the proxy's CPU)")
     if args.child:
         child(args)
         return
@@ -317,7 +422,8 @@ def main() -> None:
         proc = subprocess.run([sys.executable, __file__, "--child", "--reloads",
                                str(args.reloads), "--connections", str(args.connections),
                                *(["--pin"] if args.pin else []),
-                               *(["--check-elsewhere"] if args.check_elsewhere else [])],
+                               *(["--check-elsewhere"] if args.check_elsewhere else []),
+                               *(["--sentinel"] if args.sentinel else [])],
                               env=env, capture_output=True, text=True,
                               timeout=120 + args.reloads * 25)
         if proc.returncode != 0:
@@ -330,8 +436,20 @@ def main() -> None:
               f"{statistics.median(r['quiet_ms']):.1f} / {max(r['quiet_ms']):.1f} | "
               f"{pause:.1f} (gen {generation}) | {statistics.median(r['reload_ms']):.0f} | "
               f"{r['rps']:,.0f} | {r['errors']} |", flush=True)
+        if "own_ms" in r:
+            how = "" if r["realtime"] else ", NOT real-time"
+            print(f"    less the machine's stalls (the sentinel{how}): the loop's own stall "
+                  f"per reload, median / worst "
+                  f"{statistics.median(r['own_ms']):.1f} / {max(r['own_ms']):.1f} ms; without "
+                  f"a reload {statistics.median(r['own_quiet_ms']):.1f} / "
+                  f"{max(r['own_quiet_ms']):.1f} ms; the machine's own stalls over "
+                  f"{LATE * 1000:.0f} ms in the run: {[round(m, 1) for m in r['machine_ms']]}",
+                  flush=True)
         if args.trace:
             print(f"    reload() wall times (ms): {[round(x) for x in r['reload_ms']]}", flush=True)
+            if "own_ms" in r:
+                print(f"    the loop's own stall per reload (ms): "
+                      f"{[round(x, 1) for x in r['own_ms']]}", flush=True)
             for name, entry in r["trace"].items():
                 late = sorted(entry["late_ms"], key=lambda x: -float(x.split()[0]))
                 print(f"    {name}: {entry['seconds']:.1f} s, {len(late)} wake-up(s) later "
