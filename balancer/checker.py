@@ -4,13 +4,14 @@ A reload reads, parses and judges the new file (``loading.check_file``: the guar
 traffic for seconds of pure Python) and builds the strategies' tables (``Pool.prepare``).
 Done in a thread of the serving process, that work shares one GIL with the event loop: on one
 core a reload stalled requests 10-25 ms (bench/reloadstall.py). Here it runs in a child
-interpreter started at the first reload and kept for the next ones (``IDLE`` seconds at most
-between two): the serving process sends the path and gets back, pickled, the checked config
-with its tables, in about a millisecond on its loop. The guard's other work runs there too
-(``call``: probation's simulation, DNS discovery's verdict, a rollback's tables). On a core
-it shares with the loop, the child steps aside every 0.5 ms of work (``gil.courteous``), and
-its heap of imported code is frozen (a full collection over it held the core 9-14 ms), so
-the loop seldom waits for it longer than a scheduler tick; it dies with its parent.
+interpreter, which ``balancer run`` starts before it serves and keeps (``warm``; one started by
+a reload exits after ``IDLE`` seconds unused): the serving process sends the path and gets
+back, pickled, the checked config with its tables, in about a millisecond on its loop. The
+guard's other work runs there too (``call``: probation's simulation, DNS discovery's verdict,
+a rollback's tables). On a core it shares with the loop, the child steps aside every 0.5 ms
+of work and before each import (``gil.courteous``), and its heap of imported code is frozen
+(a full collection over it held the core 9-14 ms), so the loop seldom waits for it longer
+than a scheduler tick; it dies with its parent.
 
 What the child answers, the parent raises or returns exactly as ``check_file`` would: the same
 ConfigError, UnreadableConfig or Refused with the same lines. A config whose check kills the
@@ -47,14 +48,16 @@ log = logging.getLogger("balancer.app")
 #: stretched the check: at 10, on one saturated core, a reload took 5 s, not 1 s, and the
 #: machine's own stalls (10-25 ms, as often without a reload) fell in that longer window.
 NICE = 0
-#: A check process unused this long exits (seconds); the next reload starts another.
+#: A check process started by a reload and unused this long exits (seconds); the next
+#: reload starts another. One started by ``warm`` (``balancer run``) stays.
 IDLE = 600.0
 #: The longest a check may take (seconds): one stuck (a plug-in's endless loop) is stopped
 #: and the reload refused, so that the reloads after it are not stuck behind it.
 TIMEOUT = 300.0
 #: The directory holding this ``balancer`` package: the child imports the same code.
 _ROOT = str(Path(__file__).resolve().parents[1])
-_START = ("import sys; sys.path.insert(0, sys.argv[1]); "
+_START = ("import gc; gc.disable(); import sys; sys.path.insert(0, sys.argv[1]); "
+          "from balancer.gil import courteous; courteous(imports=True); "
           "from balancer.checker import main; sys.exit(main())")
 
 Prepared = dict[str, PreparedPool]
@@ -76,6 +79,7 @@ class Checker:
         self._lock = asyncio.Lock()
         self._idle: asyncio.TimerHandle | None = None
         self._reaped: asyncio.Future[int] | None = None  # the idle child's exit
+        self._keep = False  # ``warm``: no idle exit
 
     async def check(self, path: str) -> tuple[Applied, Prepared | None]:
         """``check_file(path)`` and each pool's ``Pool.prepare``, done in the child. Raises
@@ -115,6 +119,18 @@ class Checker:
         log.error("%s failed in the check process:\n%s", fn.__name__, reply["trace"].rstrip())
         raise CheckFailed(reply["failed"])
 
+    async def warm(self) -> None:
+        """Start the check process now, wait until it answers, and keep it (no idle exit).
+
+        ``balancer run`` calls this before it serves: the process's start (an interpreter and
+        ~150 ms of imports) then never competes with the loop for a core under load, where
+        it cost a reload 5-6 ms of stall (bench/reloadstall.py); the first reload is faster."""
+        self._keep = True
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        await self.call(os.getpid)
+
     async def _request(self, message: dict[str, Any]) -> dict[str, Any] | None:
         """The child's reply to ``message``; None when it must be done here instead."""
         async with self._lock:
@@ -130,7 +146,8 @@ class Checker:
                 with beside(self.config_path):
                     reply = await self._ask(proc, message)
             finally:
-                self._idle = asyncio.get_running_loop().call_later(IDLE, self._stop_idle)
+                if not self._keep:
+                    self._idle = asyncio.get_running_loop().call_later(IDLE, self._stop_idle)
         if "unsendable" in reply:
             log.warning("the check process cannot send what was asked (%s): computing it in a "
                         "thread of this one", reply["unsendable"])
@@ -261,8 +278,11 @@ def main() -> int:
     if os.getppid() == 1:  # the parent died before PDEATHSIG was set
         return 1
     courteous()
-    gc.collect()
-    gc.freeze()  # the imported code is never garbage: a full collection over it took 9-14 ms
+    # The imported code is never garbage: frozen, no collection walks it again (a full one
+    # took 7-14 ms). Collections were off while importing (_START), and none runs first: it
+    # would hold the CPU ~7 ms to free a few dozen objects.
+    gc.freeze()
+    gc.enable()
     if NICE:
         try:
             os.nice(NICE)

@@ -87,6 +87,7 @@ async def serve(app: App) -> None:
             loop.add_signal_handler(sig, on_stop, sig)
     except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
         log.debug("signal handlers not installed")
+    await app.checker.warm()  # before serving: its start competes with no request
     await app.start()
     freeze_heap()
     await stop.wait()

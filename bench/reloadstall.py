@@ -190,6 +190,18 @@ async def measure(reloads: int, connections: int, pin: bool = False,
         try:
             assert backend.stdout is not None and b"ready" in backend.stdout.readline()
             app = App(str(path))
+            checker = getattr(app, "checker", None)  # a checkout with a check process
+            if checker is not None and check_elsewhere and other is not None:
+                started = checker._started
+
+                async def moved() -> Any:  # --check-elsewhere: the check process off CPU 0
+                    proc = await started()
+                    os.sched_setaffinity(proc.pid, other)
+                    return proc
+
+                checker._started = moved
+            if hasattr(checker, "warm"):  # as `balancer run` does, before it serves
+                await checker.warm()
             await app.start()
             # What `balancer run` does once started (run.py _freeze_heap), so collections
             # during a reload cost what they cost in production.
@@ -213,16 +225,6 @@ async def measure(reloads: int, connections: int, pin: bool = False,
             # --trace: (phase, start, end) on ``clock``, to place each late wake-up.
             phases: list[tuple[str, float, float]] = []
             checked = [0.0]
-            checker = getattr(app, "checker", None)  # a checkout with a check process
-            if checker is not None and check_elsewhere and other is not None:
-                started = checker._started
-
-                async def moved() -> Any:  # --check-elsewhere: the check process off CPU 0
-                    proc = await started()
-                    os.sched_setaffinity(proc.pid, other)
-                    return proc
-
-                checker._started = moved
             if checker is not None:
                 check = checker.check
 

@@ -4,7 +4,8 @@ The serving process sends the path and gets back the checked config with its tab
 check refuses is refused with the same lines as ``check_file`` (and ``balancer check``) says.
 A plug-in next to the config loads in both processes. A check that kills the child refuses the
 reload and leaves the proxy serving; the next reload starts a new child. The child ends with a
-drain, exits when idle (reaped: no zombie), and dies with its parent.
+drain, exits when idle (reaped: no zombie) unless ``balancer run`` started it before serving
+(``warm``: it stays), and dies with its parent.
 """
 
 from __future__ import annotations
@@ -178,17 +179,35 @@ async def test_an_idle_child_exits_and_is_reaped(app: App,
     assert child_pid(app) != pid
 
 
+async def test_a_warm_child_answers_at_once_and_stays(app: App,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import balancer.checker
+
+    monkeypatch.setattr(balancer.checker, "IDLE", 0.2)
+    await app.checker.warm()  # what `balancer run` does before it serves
+    pid = child_pid(app)
+    await asyncio.sleep(0.6)  # past IDLE: a warm child does not exit
+    assert child_pid(app) == pid
+    write_config(Path(app.config_path), config([1, 2, 1]))
+    assert (await app.reload()).applied
+    await asyncio.sleep(0.6)
+    assert child_pid(app) == pid
+
+
 async def test_the_child_dies_with_balancer_run(tmp_path: Path) -> None:
     ports = [free_port(), free_port()]
     pools = {"web": {"backends": [{"url": f"http://127.0.0.1:{p}", "name": f"b{p}"}
                                   for p in ports]}}
     async with RunningBalancer(tmp_path, pools) as lb:
-        mark = lb.proc.mark()
-        lb.proc.send(signal.SIGHUP)
-        await lb.proc.wait_for("reload applied", since=mark)
+        # Started before it serves (Checker.warm), not at the first reload.
         children = Path(f"/proc/{lb.proc.pid}/task/{lb.proc.pid}/children").read_text().split()
         assert len(children) == 1, children
         pid = int(children[0])
+        mark = lb.proc.mark()
+        lb.proc.send(signal.SIGHUP)
+        await lb.proc.wait_for("reload applied", since=mark)
+        assert Path(f"/proc/{lb.proc.pid}/task/{lb.proc.pid}/children").read_text().split() \
+            == children  # the same one checked the reload
         assert "balancer.checker" in Path(f"/proc/{pid}/cmdline").read_text()
         lb.proc.proc.kill()  # type: ignore[union-attr]
         assert await gone(pid)
