@@ -243,8 +243,11 @@ class Child:
         self.popen.kill()
 
     async def wait(self) -> int:
-        """Its exit status (negative: the signal that ended it), reaped in a thread."""
-        return await asyncio.to_thread(self.popen.wait)
+        """Its exit status (negative: the signal that ended it), reaped in a thread; the pipe
+        to it is closed then (the one from it closes at its end of file)."""
+        code = await asyncio.to_thread(self.popen.wait)
+        self.stdin.close()
+        return code
 
 
 def _exit(code: int) -> str:
