@@ -119,6 +119,7 @@ async def run_demo(port: int, admin_port: int) -> int:
                     print(f"balancer demo: {problem}", file=sys.stderr)
                 return 1
             try:
+                await app.checker.warm()  # as `balancer run`: before it serves
                 await app.start()
             except StartError as exc:
                 print(f"balancer demo: {exc} (--port 0 and --admin-port 0 pick free ports)",
