@@ -203,7 +203,7 @@ async def measure(reloads: int, connections: int, pin: bool = False,
             if hasattr(checker, "warm"):  # as `balancer run` does, before it serves
                 await checker.warm()
             await app.start()
-            # What `balancer run` does once started (run.py _freeze_heap), so collections
+            # What `balancer run` does once started (run.py freeze_heap), so collections
             # during a reload cost what they cost in production.
             gc.collect()
             gc.freeze()
