@@ -4,7 +4,8 @@ The DNS server (tests/support/dns.py) answers real queries on a free UDP port an
 change while the proxy runs. Backends are real aiohttp servers on distinct loopback addresses
 (127.0.0.2, 127.0.0.3, … all on one port, since A records carry no port), each answering with
 its own address. The proxy is the real App in-process (so tests can look at its live objects),
-or the real CLI for ``balancer check``.
+the real CLI for ``balancer check``, or ``balancer run --workers 2`` (each worker told apart by
+its request ids' prefix, as the backends see them).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from balancer.config import ConfigError, parse_config
 from balancer.discovery import MIN_INTERVAL, expand, next_delay
 from tests.support.dns import DNSServer
 from tests.support.net import free_port, run_app
-from tests.support.proc import run_cli, write_config
+from tests.support.proc import BalancerProcess, RunningBalancer, run_cli, write_config
 from tests.support.traffic import Traffic, until
 
 WAIT = 10.0
@@ -54,13 +55,17 @@ async def fleet() -> AsyncIterator[Fleet]:
         await backends.aclose()
 
 
-def backend_app(name: str, probes: Counter[str]) -> web.Application:
+def backend_app(name: str, probes: Counter[str],
+                served: set[tuple[str, str]] | None = None) -> web.Application:
     """Answers with ``name``; ``/slow?s=0.5`` answers after that many seconds; counts the
-    health probes (``/healthz``) it gets in ``probes[name]``."""
+    health probes (``/healthz``) it gets in ``probes[name]``; adds (the request id's process
+    prefix, ``name``) to ``served`` for every other request."""
 
     async def handle(request: web.Request) -> web.Response:
         if request.path == "/healthz":
             probes[name] += 1
+        elif served is not None:
+            served.add((request.headers.get("X-Request-ID", "")[:8], name))
         delay = float(request.query.get("s", "0"))
         if delay:
             await asyncio.sleep(delay)
@@ -77,13 +82,15 @@ class Fleet:
     def __init__(self) -> None:
         self.port = free_port(IPS[0])
         self.probes: Counter[str] = Counter()
+        #: (request id prefix: which proxy process sent it, address) of the requests served.
+        self.served: set[tuple[str, str]] = set()
         self._running: dict[str, AsyncExitStack] = {}
 
     async def start(self, *ips: str) -> None:
         for ip in ips:
             stack = AsyncExitStack()
-            await stack.enter_async_context(run_app(backend_app(ip, self.probes), host=ip,
-                                                     port=self.port))
+            await stack.enter_async_context(run_app(backend_app(ip, self.probes, self.served),
+                                                     host=ip, port=self.port))
             self._running[ip] = stack
 
     async def stop(self, ip: str) -> None:
@@ -430,3 +437,52 @@ async def test_a_discovery_change_is_on_probation_and_rolled_back_when_it_concen
         said = [r.getMessage() for r in caplog.records
                 if "rebuilds a config rolled back" in r.getMessage()]
         assert len(said) == 1, said
+
+
+async def by_worker(fleet: Fleet, url: str, n: int = 60) -> dict[str, set[str]]:
+    """``n`` GETs, each on a new connection (the kernel spreads them over the workers): the
+    addresses each proxy process (its request-id prefix) sent them to."""
+    fleet.served.clear()
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=WAIT)) as s:
+        for _ in range(n):
+            async with s.get(url + "/") as r:
+                assert r.status == 200, await r.text()
+    seen: dict[str, set[str]] = {}
+    for worker, ip in fleet.served:
+        seen.setdefault(worker, set()).add(ip)
+    return seen
+
+
+async def test_every_worker_takes_a_discovery_change_and_none_takes_a_refused_one(
+        dns_server: DNSServer, fleet: Fleet, tmp_path: Path) -> None:
+    # `balancer run --workers 2`: the supervisor resolves and judges, the workers follow.
+    await fleet.start(*IPS[:3])
+    dns_server.set(NAME, IPS[:2])
+    data = config(dns_server, fleet.port)
+    rb = RunningBalancer(tmp_path, data["pools"], resolver=data["resolver"])
+    rb.proc = BalancerProcess(rb.path, "--workers", "2")
+    async with rb:
+        seen = await by_worker(fleet, rb.url)
+        assert len(seen) == 2 and all(ips == set(IPS[:2]) for ips in seen.values()), seen
+
+        mark = rb.proc.mark()
+        dns_server.set(NAME, IPS[:3])
+        await rb.proc.wait_for("now resolves to 3 address", since=mark)
+        async with asyncio.timeout(WAIT):  # every worker applies the supervisor's change
+            while len(seen := await by_worker(fleet, rb.url)) != 2 or any(
+                    ips != set(IPS[:3]) for ips in seen.values()):
+                pass
+
+        # One address left: concentration, refused once for all; no worker moves.
+        mark = rb.proc.mark()
+        dns_server.set(NAME, IPS[2:3])
+        await rb.proc.wait_for("discovery change refused", since=mark)
+        await asyncio.sleep(0.5)
+        for _ in range(2):
+            seen = await by_worker(fleet, rb.url)
+            assert len(seen) == 2 and all(ips == set(IPS[:3]) for ips in seen.values()), seen
+        refusals = [line for line in rb.proc.lines_since(mark)
+                    if "discovery change refused" in line]
+        assert len(refusals) == 1, refusals  # the supervisor's, once: no worker resolves
