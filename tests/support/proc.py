@@ -96,7 +96,9 @@ class BalancerProcess:
             self.proc.wait(timeout=WAIT)
         finally:
             if self._reader is not None:
-                self._reader.join(timeout=WAIT)
+                self._reader.join(timeout=WAIT)  # EOF once its children are gone too
+                if not self._reader.is_alive() and self.proc.stderr is not None:
+                    self.proc.stderr.close()
 
     def __enter__(self) -> Self:
         return self.start()
