@@ -298,6 +298,18 @@ CHART = """JSON.stringify(Object.fromEntries([...document.querySelectorAll(
 MARKS = """JSON.stringify([...document.querySelectorAll('section[data-pool=web] .reload-mark')]
   .map(g => [g.dataset.result, g.querySelector('title').textContent]))"""
 
+#: The web pool's mark labels: text, box in the chart's pixels, the chart's width, and whether
+#: it comes after every mark's line in the drawing order.
+LABELS = """(() => {
+  const svg = document.querySelector('section[data-pool=web] svg');
+  const lines = [...svg.querySelectorAll('.reload-mark line')];
+  return JSON.stringify([...svg.querySelectorAll('.reload-label')].map(t => {
+    const b = t.getBBox();
+    return {text: t.firstChild.textContent, left: b.x, right: b.x + b.width, top: b.y,
+            bottom: b.y + b.height, width: svg.viewBox.baseVal.width,
+            after_lines: lines.every(l => l.compareDocumentPosition(t) & 4)};
+  }));
+})()"""
 
 @pytest.mark.parametrize("live", ["30s"], indirect=True)  # every mark stays in the window
 async def test_chart_follows_the_share_over_time_and_marks_every_reload(
@@ -377,6 +389,17 @@ async def test_chart_follows_the_share_over_time_and_marks_every_reload(
     assert [m[0] for m in marks] == ["applied", "rolled_back", "refused"]
     assert reason in marks[1][1] and "rolled back" in marks[1][1]
     assert "pools.web: bad weight" in marks[2][1]
+    # Three marks seconds apart at the chart's right edge: every label whole inside the chart,
+    # none over another, each drawn after every line (no line over a label's text).
+    labels = json.loads(await browser.eval(LABELS))
+    assert [label["text"] for label in labels] == ["applied", "rolled back", "refused"]
+    for i, label in enumerate(labels):
+        assert 0 <= label["left"] and label["right"] <= label["width"], label
+        assert label["after_lines"], label
+        for other in labels[i + 1:]:
+            apart = (label["right"] <= other["left"] or other["right"] <= label["left"]
+                     or label["bottom"] <= other["top"] or other["bottom"] <= label["top"])
+            assert apart, (label, other)
     assert await browser.eval("document.getElementById('rollback-banner').hidden") is True
     assert await browser.eval("document.getElementById('last-reload').title") == \
         "pools.web: bad weight"

@@ -7,6 +7,7 @@ const POLL_MS = 1000;
 const SVG = "http://www.w3.org/2000/svg";
 const CHART_H = 150;                   // the chart's height; its width is the page's
 const SMOOTH = 3;                      // samples each plotted share is taken over
+const LABEL_PX = 7;                    // a mark label's width per character (11 px semibold)
 const COLOURS = ["#3b7ddd", "#e8590c", "#2f9e44", "#ae3ec9", "#f08c00", "#1098ad",
                  "#d6336c", "#5c7cfa", "#74b816", "#868e96"];
 const RESULTS = {applied: "applied", refused: "refused", kept: "kept",
@@ -88,26 +89,32 @@ function renderChart(chart, h, guard, events) {
   }
   nodes.push(svg("line", {class: "limit", x1: 0, x2: CHART_W,
                           y1: y(guard.max_share), y2: y(guard.max_share)}));
-  // Labels of marks close together (an apply and its rollback half a second later) go on the
-  // next row down instead of over each other; a row is free again 90 px to the right.
-  const rowEnds = [];
+  // Each mark's label sits right of its line, or left of it where it would run off the chart;
+  // labels close together (an apply and its rollback half a second later) take the next row
+  // down instead of overlapping; every label is drawn after every line, on a halo of the
+  // chart's background, so no mark's line crosses another's text.
+  const rowEnds = [], labels = [];
   for (const e of events) {
     if (e.t < start || e.t > end) continue;
+    const at = +x(e.t), name = RESULTS[e.result] || e.result;
+    const hover = `reload ${name} at ${clock(e.at)}` + (e.reason ? `: ${e.reason}` : "");
     const g = svg("g", {class: "reload-mark " + e.result});
     g.dataset.result = e.result;
-    g.append(svg("line", {x1: x(e.t), x2: x(e.t), y1: 0, y2: CHART_H}));
-    let row = rowEnds.findIndex(last => +x(e.t) - last > 90);
-    if (row < 0) row = rowEnds.length;
-    rowEnds[row] = +x(e.t);
-    const label = svg("text", {x: +x(e.t) + 4, y: 12 + 13 * (row % 6)});
-    label.textContent = RESULTS[e.result] || e.result;
-    g.append(label);
-    const title = svg("title");
-    title.textContent = `reload ${RESULTS[e.result] || e.result} at ${clock(e.at)}` +
-      (e.reason ? `: ${e.reason}` : "");
-    g.append(title);
+    g.append(svg("line", {x1: at, x2: at, y1: 0, y2: CHART_H}), svg("title"));
+    g.lastChild.textContent = hover;
     nodes.push(g);
+    const wide = LABEL_PX * name.length;
+    const left = at + 4 + wide > CHART_W ? at - 4 - wide : at + 4;
+    let row = rowEnds.findIndex(last => left - last > 6);
+    if (row < 0) row = rowEnds.length;
+    rowEnds[row] = left + wide;
+    const label = svg("text", {class: "reload-label " + e.result, x: left.toFixed(1),
+                               y: 12 + 13 * (row % 6)});
+    label.append(name, svg("title"));
+    label.lastChild.textContent = hover;
+    labels.push(label);
   }
+  nodes.push(...labels);
   const series = shares(h);
   chart.legend.replaceChildren();
   Object.entries(series).forEach(([name, values], i) => {
