@@ -125,10 +125,7 @@ class Checker:
         ``balancer run`` calls this before it serves: the process's start (an interpreter and
         ~150 ms of imports) then never competes with the loop for a core under load, where
         it cost a reload 5-6 ms of stall (bench/reloadstall.py); the first reload is faster."""
-        self._keep = True
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._keep = True  # _request cancels an idle timer already set, and sets no other
         await self.call(os.getpid)
 
     async def _request(self, message: dict[str, Any]) -> dict[str, Any] | None:
